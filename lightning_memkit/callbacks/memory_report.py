@@ -1,0 +1,95 @@
+"""``MemoryReport``: the peak memory of training steps, with a breakdown, printed and logged."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from typing_extensions import override
+
+from lightning_memkit.memory import CATEGORIES, MIB, MemoryBreakdown, StepMemoryTracker, format_table
+
+
+class MemoryReport(Callback):
+    """Measure the peak memory of a training step every ``every_n_steps`` optimizer steps.
+
+    Each measured step runs under :class:`~lightning_memkit.memory.StepMemoryTracker`, which counts
+    the bytes of live tensors (CPU and CUDA alike) and splits the peak into parameters, buffers,
+    gradients, optimizer state, activations, temporaries and other; on CUDA the allocator's own peak
+    is reported beside it. A measured step runs slower (every operator is intercepted), so measure
+    sparingly. The breakdown is logged to the Trainer's loggers as ``memory/<category>_mib`` at each
+    measurement and printed as a table when fitting ends (rank zero).
+
+    Args:
+        every_n_steps: measure when the global step is a multiple of this (step 0 included).
+        print_every: also print the table at every measurement, not only at the end.
+
+    Attributes:
+        reports: one :class:`~lightning_memkit.memory.MemoryBreakdown` per measured step.
+    """
+
+    def __init__(self, every_n_steps: int = 100, print_every: bool = False) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"MemoryReport.every_n_steps={every_n_steps!r} must be an integer >= 1.")
+        self.every_n_steps = every_n_steps
+        self.print_every = print_every
+        self.reports: list[MemoryBreakdown] = []
+        self._active: Optional[StepMemoryTracker] = None
+        self._active_step = 0
+
+    def _should_measure(self, trainer: "pl.Trainer", batch_idx: int) -> bool:
+        last_micro_batch = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        return last_micro_batch and trainer.global_step % self.every_n_steps == 0
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self._should_measure(trainer, batch_idx):
+            self._active = StepMemoryTracker(pl_module, trainer.optimizers)
+            self._active_step = trainer.global_step
+            self._active.__enter__()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._active is None:
+            return
+        tracker, self._active = self._active, None
+        tracker.__exit__(None, None, None)
+        report = tracker.result(step=self._active_step)
+        self.reports.append(report)
+        self._log(trainer, report)
+        if self.print_every:
+            rank_zero_info(self.table(report))
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self._active is not None:
+            self._active.__exit__(type(exception), exception, None)
+            self._active = None
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.reports:
+            rank_zero_info(self.table(self.reports[-1]))
+
+    @rank_zero_only
+    def _log(self, trainer: "pl.Trainer", report: MemoryBreakdown) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(report.as_metrics(), step=trainer.global_step)
+
+    def table(self, report: MemoryBreakdown) -> str:
+        """The report as a text table: category, MiB, share of the peak."""
+        peak = report.peak or 1
+        rows = [(name, f"{report.by_category[name] / MIB:.2f}", f"{100 * report.by_category[name] / peak:.1f}%")
+                for name in CATEGORIES]
+        rows.append(("peak (sum)", f"{report.peak / MIB:.2f}", "100.0%"))
+        if report.allocator_peak is not None:
+            rows.append(("CUDA allocator peak", f"{report.allocator_peak / MIB:.2f}", ""))
+        title = (
+            f"MemoryReport: optimizer step {report.step} on {report.device}; tensor memory at the step's peak "
+            f"({report.method})"
+        )
+        return title + "\n" + format_table(rows, ("category", "MiB", "share"))

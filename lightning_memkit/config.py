@@ -1,0 +1,127 @@
+"""Typed configuration of each technique family, and the rules that validate it.
+
+A technique's settings accept a short string for the common case and a mapping (or the dataclass)
+for the details. Everything is checked when the strategy is constructed: an unknown name, an unknown
+key or a wrong type raises :class:`MemKitConfigError` naming the key, the bad value and the fix.
+
+Only families whose techniques exist have a dataclass here; later families are added with their
+techniques.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+
+class MemKitConfigError(ValueError):
+    """A memkit setting is invalid. The message names the key, the value and the fix."""
+
+
+def _fmt_allowed(allowed: Any) -> str:
+    return ", ".join(repr(a) for a in allowed)
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``allowed`` (strings), else raise naming ``key``."""
+    if not isinstance(value, str):
+        raise MemKitConfigError(
+            f"{key}={value!r} has type {type(value).__name__}, expected a string. "
+            f"Fix: set {key} to one of {_fmt_allowed(allowed)}."
+        )
+    if value not in allowed:
+        raise MemKitConfigError(
+            f"{key}={value!r} is not a known name. Fix: set {key} to one of {_fmt_allowed(allowed)}."
+        )
+    return value
+
+
+def check_int(key: str, value: Any, *, minimum: int) -> int:
+    """Return ``value`` if it is an int (not a bool) >= ``minimum``, else raise naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MemKitConfigError(
+            f"{key}={value!r} has type {type(value).__name__}, expected an integer >= {minimum}. "
+            f"Fix: set {key} to an integer such as {max(minimum, 1)}."
+        )
+    if value < minimum:
+        raise MemKitConfigError(f"{key}={value!r} is below {minimum}. Fix: set {key} to an integer >= {minimum}.")
+    return value
+
+
+def _from_mapping(cls: type, key: str, mapping: Mapping[str, Any]) -> Any:
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in mapping if k not in fields]
+    if unknown:
+        raise MemKitConfigError(
+            f"{key} has unknown key(s) {_fmt_allowed(unknown)}. Fix: use only {_fmt_allowed(fields)}."
+        )
+    return cls(**mapping)
+
+
+# --------------------------------------------------------------------------------------------------
+# activations: what happens to the tensors a forward pass saves for the backward
+# --------------------------------------------------------------------------------------------------
+
+#: Checkpointing policies. "none": every activation is kept. "blocks": transformer blocks are
+#: recomputed in the backward pass (exact: gradients equal the plain run).
+CHECKPOINT_POLICIES = ("none", "blocks")
+
+#: Short strings accepted for the whole ``activations`` setting, and what each means.
+ACTIVATIONS_SHORTHANDS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "checkpoint": {"checkpoint": "blocks"},
+}
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    """Settings of the ``activations`` family.
+
+    Attributes:
+        checkpoint: policy name, one of :data:`CHECKPOINT_POLICIES`. ``"blocks"`` wraps the forward
+            of the model's transformer blocks in non-reentrant ``torch.utils.checkpoint``: only each
+            block's input is kept and the block is recomputed in the backward pass. Exact.
+        checkpoint_every: with ``checkpoint="blocks"``, checkpoint blocks ``0, k, 2k, ...`` for
+            ``k = checkpoint_every`` (1: every block). A larger ``k`` trades memory for less recompute.
+    """
+
+    checkpoint: str = "none"
+    checkpoint_every: int = 1
+
+    def __post_init__(self) -> None:
+        check_choice("activations.checkpoint", self.checkpoint, CHECKPOINT_POLICIES)
+        check_int("activations.checkpoint_every", self.checkpoint_every, minimum=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.checkpoint != "none"
+
+
+ActivationsSetting = Union[str, Mapping[str, Any], ActivationsConfig, None]
+
+
+def parse_activations(value: ActivationsSetting) -> ActivationsConfig:
+    """Turn the user's ``activations=`` setting into an :class:`ActivationsConfig`.
+
+    Args:
+        value: ``None``; a shorthand string (one of :data:`ACTIVATIONS_SHORTHANDS`); a mapping of
+            :class:`ActivationsConfig` fields; or an :class:`ActivationsConfig`.
+
+    Raises:
+        MemKitConfigError: unknown shorthand, unknown key, bad value or wrong type.
+    """
+    if value is None:
+        return ActivationsConfig()
+    if isinstance(value, ActivationsConfig):
+        return value
+    if isinstance(value, str):
+        check_choice("activations", value, tuple(ACTIVATIONS_SHORTHANDS))
+        return ActivationsConfig(**ACTIVATIONS_SHORTHANDS[value])
+    if isinstance(value, Mapping):
+        return _from_mapping(ActivationsConfig, "activations", value)
+    raise MemKitConfigError(
+        f"activations={value!r} has type {type(value).__name__}. Fix: pass a string "
+        f"({_fmt_allowed(ACTIVATIONS_SHORTHANDS)}), a mapping of {_fmt_allowed(f.name for f in dataclasses.fields(ActivationsConfig))}, "
+        "or an ActivationsConfig."
+    )

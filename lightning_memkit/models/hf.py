@@ -1,0 +1,102 @@
+"""Hugging Face ``transformers`` causal LMs behind the same interface as the reference model.
+
+:class:`HFCausalLM` wraps a Llama / Qwen2 / Mistral-family ``*ForCausalLM`` and exposes
+``memkit_blocks()``, ``final_norm``, ``lm_head``, ``embed_tokens``, ``max_seq_len``,
+``vocab_size``, ``forward(input_ids) -> logits`` and ``forward_hidden(input_ids)``.
+transformers is imported only when one of these functions runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_memkit._imports import require
+
+#: Families tested against the adapter. Others with the same layout (model.layers, model.norm,
+#: lm_head) work too; the adapter checks the layout, not the name.
+TESTED_FAMILIES = ("llama", "qwen2", "mistral")
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face decoder-only causal LM with the reference model's interface."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        missing = [
+            attr for attr, ok in (
+                ("model.layers", hasattr(getattr(hf_model, "model", None), "layers")),
+                ("model.norm", hasattr(getattr(hf_model, "model", None), "norm")),
+                ("lm_head", hasattr(hf_model, "lm_head")),
+            ) if not ok
+        ]
+        if missing:
+            kind = getattr(getattr(hf_model, "config", None), "model_type", type(hf_model).__name__)
+            raise ValueError(
+                f"{type(hf_model).__name__} ({kind!r}) lacks {missing}: it is not a decoder-only causal LM with the "
+                f"Llama layout. Fix: use a Llama/Qwen2/Mistral-family *ForCausalLM (tested: {TESTED_FAMILIES})."
+            )
+        self.hf = hf_model
+
+    def memkit_blocks(self) -> nn.ModuleList:
+        return self.hf.model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.hf.model.norm
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.hf.lm_head
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.hf.model.embed_tokens
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.hf.config.max_position_embeddings)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.config.vocab_size)
+
+    def forward_hidden(self, input_ids: Tensor) -> Tensor:
+        """Hidden states after the final norm, (B, T, D)."""
+        return self.hf.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.hf(input_ids=input_ids, use_cache=False).logits
+
+
+def load_hf_causal_lm(path: str, *, dtype: Optional[torch.dtype] = None, **kwargs: Any) -> HFCausalLM:
+    """Load a Hugging Face causal LM from a local folder (no download) and wrap it.
+
+    Args:
+        path: a folder with ``config.json`` and weights, as written by ``save_pretrained``.
+        dtype: parameter dtype; default: as stored.
+        kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder with a ``config.json``.
+        ValueError: the config is not a causal LM, or not of the Llama layout.
+    """
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"hf_path={path!r} is not a folder with a config.json. Fix: point hf_path at a local folder written by "
+            "save_pretrained() (memkit never downloads models)."
+        )
+    transformers = require("transformers", feature="loading a Hugging Face model")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"hf_path={path!r} holds a {config.model_type!r} model, which is not a causal LM. "
+            f"Fix: point hf_path at a decoder-only causal LM (tested: {TESTED_FAMILIES})."
+        )
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    return HFCausalLM(model)

@@ -1,0 +1,197 @@
+"""``MemKitStrategy``: installs memory-saving techniques on an ordinary LightningModule.
+
+It is Lightning's DDP strategy (one process per device; gloo on CPU, NCCL on CUDA) with two
+changes: with a single process it neither starts a process group nor wraps the model, so it behaves
+exactly like Lightning's single-device strategy; and it installs the configured techniques at the
+points of the step where they belong (see :mod:`lightning_memkit.techniques`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_memkit.config import ActivationsConfig, parse_activations
+from lightning_memkit.techniques import Technique
+
+#: name -> (description, init arguments). Registered with Lightning when the package is imported.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "memkit": (
+        "memkit with its safe defaults: only techniques that change no result and cost no extra compute",
+        {},
+    ),
+    "memkit_checkpoint": (
+        "memkit with activation checkpointing of every transformer block (exact; ~1/3 more compute)",
+        {"activations": {"checkpoint": "blocks"}},
+    ),
+}
+
+
+class MemKitStrategy(DDPStrategy):
+    """Train an unchanged LightningModule with memory-saving techniques switched on by configuration.
+
+    Args:
+        activations: what the forward pass keeps for the backward pass: ``"none"``,
+            ``"checkpoint"`` (checkpoint every transformer block), a mapping of
+            :class:`~lightning_memkit.config.ActivationsConfig` fields such as
+            ``{"checkpoint": "blocks", "checkpoint_every": 2}``, or an ``ActivationsConfig``.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+        process_group_backend, timeout, start_method: as in Lightning's ``DDPStrategy``; the
+            Trainer fills most of them in.
+        **ddp_kwargs: passed to ``torch.nn.parallel.DistributedDataParallel`` when more than one
+            process trains.
+
+    Raises:
+        MemKitConfigError: an unknown technique name or key, a bad value or a wrong type.
+    """
+
+    strategy_name = "memkit"
+
+    def __init__(
+        self,
+        activations: Union[str, dict[str, Any], ActivationsConfig, None] = None,
+        *,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **ddp_kwargs: Any,
+    ) -> None:
+        self.activations = parse_activations(activations)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **ddp_kwargs,
+        )
+        self.techniques: list[Technique] = self._build_techniques()
+        self._installed_on: Optional[torch.nn.Module] = None
+
+    def _build_techniques(self) -> list[Technique]:
+        techniques: list[Technique] = []
+        if self.activations.checkpoint == "blocks":
+            from lightning_memkit.activations.checkpoint import CheckpointTechnique
+
+            techniques.append(CheckpointTechnique(self.activations))
+        return techniques
+
+    # ----- one process: no process group, no DDP wrapper -----------------------------------------
+    @property
+    def single_process(self) -> bool:
+        """True when this run has one process in all (one device, one node)."""
+        return self.num_nodes * self.num_processes <= 1
+
+    @override
+    def _configure_launcher(self) -> None:
+        if self.single_process:
+            self._launcher = None  # nothing to launch; also keeps notebooks working
+        else:
+            super()._configure_launcher()
+
+    @override
+    def setup_environment(self) -> None:
+        if self.single_process:
+            ParallelStrategy.setup_environment(self)  # the accelerator's device setup, no process group
+            self.set_world_ranks()
+        else:
+            super().setup_environment()
+
+    @override
+    def configure_ddp(self) -> None:
+        if not self.single_process:
+            super().configure_ddp()
+
+    # ----- where techniques attach --------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        if self.single_process:
+            # Lightning injects a DistributedSampler for every DDPStrategy. With one process it would
+            # only change the data order relative to the single-device strategy, so leave it out.
+            trainer._accelerator_connector.use_distributed_sampler = False
+        if trainer.state.fn == TrainerFn.FITTING and self.techniques:
+            module = self.lightning_module
+            assert module is not None
+            for technique in self.techniques:
+                technique.setup_module(module)
+            self._installed_on = module
+            rank_zero_info("memkit: " + "; ".join(t.describe() for t in self.techniques))
+        super().setup(trainer)
+
+    @override
+    def setup_optimizers(self, trainer: "pl.Trainer") -> None:
+        super().setup_optimizers(trainer)
+        for technique in self.techniques:
+            old = list(self.optimizers)
+            new = technique.setup_optimizers(old)
+            if len(new) != len(old):
+                raise RuntimeError(f"{technique.name}.setup_optimizers returned {len(new)} optimizers for {len(old)}")
+            for before, after in zip(old, new):
+                if after is before:
+                    continue
+                for config in self.lr_scheduler_configs:  # schedulers follow their optimizer
+                    if getattr(config.scheduler, "optimizer", None) is before:
+                        config.scheduler.optimizer = after
+            self.optimizers = new
+
+    def _step_context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for technique in self.techniques:
+            stack.enter_context(technique.step_context())
+        return stack
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._step_context():
+            return super().training_step(*args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._step_context():
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._step_context():
+            return super().test_step(*args, **kwargs)
+
+    @override
+    def teardown(self) -> None:
+        if self._installed_on is not None:
+            for technique in reversed(self.techniques):
+                technique.teardown(self._installed_on)
+            self._installed_on = None
+        super().teardown()
+
+    # ----- presets --------------------------------------------------------------------------------
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, (description, init_params) in PRESETS.items():
+            strategy_registry.register(name, cls, description=description, override=True, **init_params)
+
+
+def register() -> None:
+    """Register the ``memkit*`` strategy names with Lightning (done on ``import lightning_memkit``)."""
+    MemKitStrategy.register_strategies(StrategyRegistry)
