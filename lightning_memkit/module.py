@@ -60,7 +60,7 @@ class CausalLMModule(pl.LightningModule):
         if hp.hf_path is not None:
             from lightning_memkit.models.hf import load_hf_causal_lm
 
-            self.model = load_hf_causal_lm(hp.hf_path)
+            self.model = load_hf_causal_lm(hp.hf_path).train()  # from_pretrained hands back eval mode
             if hp.vocab_size is not None and hp.vocab_size > self.model.vocab_size:
                 raise ValueError(
                     f"the data's vocabulary ({hp.vocab_size}) is larger than the model's ({self.model.vocab_size}). "

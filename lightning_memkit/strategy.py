@@ -9,6 +9,7 @@ points of the step where they belong (see :mod:`lightning_memkit.techniques`).
 from __future__ import annotations
 
 import contextlib
+import functools
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
@@ -152,7 +153,7 @@ class MemKitStrategy(DDPStrategy):
                     continue
                 for config in self.lr_scheduler_configs:  # schedulers follow their optimizer
                     if getattr(config.scheduler, "optimizer", None) is before:
-                        config.scheduler.optimizer = after
+                        _repoint_scheduler(config.scheduler, after)
             self.optimizers = new
 
     def _step_context(self) -> contextlib.ExitStack:
@@ -190,6 +191,27 @@ class MemKitStrategy(DDPStrategy):
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         for name, (description, init_params) in PRESETS.items():
             strategy_registry.register(name, cls, description=description, override=True, **init_params)
+
+
+def _repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Make ``scheduler`` drive ``optimizer`` (a technique's replacement of the one it was built on).
+
+    The new optimizer's groups must line up with the old ones. Its ``step`` is marked the way torch's
+    LR schedulers mark the optimizer they are built on, so their "step order" check keeps working.
+    """
+    scheduler.optimizer = optimizer
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    step = optimizer.step
+    if not hasattr(step, "_wrapped_by_lr_sched"):
+
+        @functools.wraps(step)
+        def counted_step(*args: Any, **kwargs: Any) -> Any:
+            optimizer._opt_called = True  # read by torch.optim.lr_scheduler.LRScheduler.step
+            return step(*args, **kwargs)
+
+        counted_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        optimizer.step = counted_step  # type: ignore[method-assign]
 
 
 def register() -> None:

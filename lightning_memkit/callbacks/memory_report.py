@@ -89,7 +89,7 @@ class MemoryReport(Callback):
         if report.allocator_peak is not None:
             rows.append(("CUDA allocator peak", f"{report.allocator_peak / MIB:.2f}", ""))
         title = (
-            f"MemoryReport: optimizer step {report.step} on {report.device}; tensor memory at the step's peak "
-            f"({report.method})"
+            f"MemoryReport: optimizer step {report.step} on {report.device}: tensors alive at the step's peak, "
+            f"measured by {report.method}"
         )
         return title + "\n" + format_table(rows, ("category", "MiB", "share"))

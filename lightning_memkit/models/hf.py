@@ -96,6 +96,8 @@ def load_hf_causal_lm(path: str, *, dtype: Optional[torch.dtype] = None, **kwarg
             f"hf_path={path!r} holds a {config.model_type!r} model, which is not a causal LM. "
             f"Fix: point hf_path at a decoder-only causal LM (tested: {TESTED_FAMILIES})."
         )
+    with torch.device("meta"):  # check the layout before reading any weights
+        HFCausalLM(transformers.AutoModelForCausalLM.from_config(config))
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)

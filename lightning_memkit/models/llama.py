@@ -77,7 +77,7 @@ class LlamaConfig:
 #: sizes of a model whose architecture differs in other ways (Gemma-2: GeGLU, softcapping).
 NAMED_CONFIGS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(vocab_size=258, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=512),
-    "small": LlamaConfig(vocab_size=258, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=688, max_seq_len=1024),
+    "small": LlamaConfig(vocab_size=258, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512, max_seq_len=1024),
     "llama-2-7b": LlamaConfig(
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, max_seq_len=4096
     ),

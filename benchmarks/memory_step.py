@@ -1,0 +1,58 @@
+"""Peak memory of one training step of a full-size model, by category, for each technique.
+
+Runs under FakeTensorMode on the CPU (nothing is allocated; about a minute for Llama-3-8B), with
+PyTorch's MemTracker counting tensor bytes. Later technique issues add rows to TECHNIQUES.
+
+    python benchmarks/memory_step.py                       # Llama-3-8B, bf16, seq 4096, micro-batch 1
+    python benchmarks/memory_step.py --model qwen2.5-1.5b --seq-len 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lightning_memkit.memory import CATEGORIES, GIB, fake_training_step, format_table
+from lightning_memkit.models import NAMED_CONFIGS
+
+#: technique name -> keyword arguments of fake_training_step
+TECHNIQUES: dict[str, dict] = {
+    "baseline (AdamW, full activations)": {},
+    "activation checkpointing (every block)": {"checkpoint_every": 1},
+    "activation checkpointing (every 2nd block)": {"checkpoint_every": 2},
+}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def run(model: str, seq_len: int, batch_size: int, dtype: str) -> list[tuple[str, ...]]:
+    rows = []
+    for name, kwargs in TECHNIQUES.items():
+        start = time.perf_counter()
+        report = fake_training_step(model, seq_len=seq_len, batch_size=batch_size, dtype=DTYPES[dtype], **kwargs)
+        seconds = time.perf_counter() - start
+        cats = [f"{report.by_category[c] / GIB:.2f}" for c in CATEGORIES if c not in ("buffers", "other")]
+        rows.append((name, *cats, f"{report.peak / GIB:.2f}", f"{seconds:.1f}"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-3-8b", choices=sorted(NAMED_CONFIGS))
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    args = parser.parse_args()
+    rows = run(args.model, args.seq_len, args.batch_size, args.dtype)
+    header = ("technique", *(c for c in CATEGORIES if c not in ("buffers", "other")), "peak", "measure s")
+    print(
+        f"{args.model}, {args.dtype}, sequence {args.seq_len}, micro-batch {args.batch_size}: GiB of tensors at the "
+        "step's peak (MemTracker under FakeTensorMode)"
+    )
+    print(format_table(rows, header))
+
+
+if __name__ == "__main__":
+    main()

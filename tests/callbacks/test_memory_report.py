@@ -1,0 +1,113 @@
+import csv
+import glob
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_memkit import MemoryReport
+from lightning_memkit.memory import StepMemoryTracker, fake_training_step, parameter_bytes
+from lightning_memkit.models import LlamaConfig, get_config
+from lightning_memkit.module import CausalLMModule
+
+
+def _fit_with_report(strategy, trainer_kwargs, small_corpus_dir, **kwargs):
+    from lightning_memkit import TextDataModule
+
+    report = MemoryReport(every_n_steps=2, **kwargs)
+    module = CausalLMModule(model="tiny")
+    data = TextDataModule(paths=small_corpus_dir, seq_len=64, batch_size=4)
+    trainer = pl.Trainer(strategy=strategy, callbacks=[report], **{**trainer_kwargs, "max_steps": 3})
+    trainer.fit(module, data)
+    return report, module
+
+
+def test_parameter_bytes_are_exact_and_categories_make_sense(trainer_kwargs, small_corpus_dir, caplog):
+    caplog.set_level("INFO")
+    report, module = _fit_with_report("memkit", trainer_kwargs, small_corpus_dir)
+    assert [r.step for r in report.reports] == [0, 2]
+    exact = sum(p.numel() * p.element_size() for p in module.parameters())
+    assert exact == parameter_bytes(module)
+    for r in report.reports:
+        assert r.by_category["parameters"] == exact
+        assert r.by_category["activations"] > 0
+        assert r.peak == sum(r.by_category.values())
+    # AdamW keeps two fp32 moments per parameter once it has stepped
+    assert report.reports[-1].by_category["optimizer_state"] >= 2 * exact
+    assert "MemoryReport: optimizer step 2" in caplog.text and "optimizer_state" in caplog.text
+
+
+def test_checkpointing_lowers_measured_activations(trainer_kwargs, small_corpus_dir):
+    plain, _ = _fit_with_report("memkit", trainer_kwargs, small_corpus_dir)
+    ckpt, _ = _fit_with_report("memkit_checkpoint", trainer_kwargs, small_corpus_dir)
+    assert ckpt.reports[-1].by_category["activations"] < plain.reports[-1].by_category["activations"]
+    assert ckpt.reports[-1].peak < plain.reports[-1].peak
+
+
+def test_logged_to_the_trainers_loggers(trainer_kwargs, small_corpus_dir, tmp_path):
+    from lightning_memkit import TextDataModule
+
+    logger = CSVLogger(tmp_path, name="mem")
+    trainer = pl.Trainer(
+        strategy="memkit", callbacks=[MemoryReport(every_n_steps=1)],
+        **{**trainer_kwargs, "logger": logger, "max_steps": 2, "log_every_n_steps": 1},
+    )
+    trainer.fit(CausalLMModule(model="tiny"), TextDataModule(paths=small_corpus_dir, seq_len=32, batch_size=2))
+    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "mem" / "*" / "metrics.csv"))[0])))
+    peaks = [r["memory/peak_mib"] for r in rows if r.get("memory/peak_mib")]
+    assert len(peaks) == 2 and all(float(p) > 0 for p in peaks)
+
+
+def test_tracker_outside_lightning_closure_categories():
+    """Without a closure, the optimizer's own allocations are optimizer state, the forward's are activations."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randn(128, 64)
+    for _ in range(2):
+        with StepMemoryTracker(model, [opt]) as tracker:
+            model(x).square().mean().backward()
+            opt.step()
+    r = tracker.result()
+    # two fp32 moments per parameter, plus Adam's fp32 scalar "step" per parameter tensor
+    assert r.by_category["optimizer_state"] == 2 * parameter_bytes(model) + 4 * len(list(model.parameters()))
+    assert r.by_category["activations"] >= 128 * 256 * 4  # the hidden layer's output is saved
+
+
+def test_closure_work_is_not_counted_as_optimizer_state():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # SGD without momentum keeps no state
+    x = torch.randn(128, 64)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    with StepMemoryTracker(model, [opt]) as tracker:
+        opt.step(closure)
+    r = tracker.result()
+    assert r.by_category["optimizer_state"] == 0
+    assert r.by_category["activations"] > 0
+
+
+def test_fake_full_size_step_allocates_nothing_and_counts_exact_parameters():
+    report = fake_training_step("llama-3.2-1b", seq_len=128)
+    assert report.by_category["parameters"] == get_config("llama-3.2-1b").num_parameters() * 2  # bf16
+    assert report.peak > report.by_category["parameters"] * 3  # + gradients and two AdamW moments
+
+
+def test_fake_step_checkpointing_saves_activations():
+    cfg = LlamaConfig(vocab_size=1000, dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=2816, max_seq_len=4096)
+    plain = fake_training_step(cfg, seq_len=2048)
+    ckpt = fake_training_step(cfg, seq_len=2048, checkpoint_every=1)
+    half = fake_training_step(cfg, seq_len=2048, checkpoint_every=2)
+    assert plain.by_category["parameters"] == ckpt.by_category["parameters"] == cfg.num_parameters() * 2
+    assert ckpt.by_category["activations"] < plain.by_category["activations"] / 4
+    assert ckpt.peak < half.peak < plain.peak
+
+
+def test_bad_interval():
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        MemoryReport(every_n_steps=0)

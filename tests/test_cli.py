@@ -1,0 +1,98 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_memkit import MemKitConfigError, MemKitStrategy
+from lightning_memkit.cli import MemKitCLI, main
+from lightning_memkit.data import stdlib_dir
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+RECIPE = os.path.join(ROOT, "recipes", "quickstart.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    """LightningCLI warns when both args= and sys.argv (pytest's flags here) carry arguments."""
+    monkeypatch.setattr(sys, "argv", ["memkit"])
+
+
+def fast_overrides(tmp_path):
+    return [
+        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+        "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+        "--model.init_args.model=tiny", f"--data.init_args.paths={os.path.join(stdlib_dir(), 'email')}",
+        "--data.init_args.seq_len=32", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+    ]
+
+
+def test_fit_from_the_recipe(tmp_path):
+    cli = MemKitCLI(args=["--config", RECIPE, *fast_overrides(tmp_path)], run=False)
+    assert isinstance(cli.trainer.strategy, MemKitStrategy)
+    assert cli.trainer.strategy.activations.checkpoint == "blocks"
+    assert cli.model.hparams.vocab_size == 258  # filled in from the tokenizer
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 3
+    assert len(cli.model.val_history) == 1
+    report = [c for c in cli.trainer.callbacks if type(c).__name__ == "MemoryReport"][0]
+    assert report.reports and report.reports[0].by_category["parameters"] > 0
+
+
+def test_optimizer_and_scheduler_overrides(tmp_path):
+    cli = MemKitCLI(
+        args=["--config", RECIPE, *fast_overrides(tmp_path), "--optimizer=torch.optim.SGD", "--optimizer.lr=0.05",
+              "--lr_scheduler=torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size=1"],
+        run=False,
+    )
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert isinstance(cli.trainer.optimizers[0], torch.optim.SGD)
+    assert isinstance(cli.trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.StepLR)
+
+
+def test_unknown_recipe_key_is_named(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(open(RECIPE).read().replace("    learning_rate: 0.002", "    learning_rat: 0.002"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(recipe)])
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_unknown_technique_name_in_recipe(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(open(RECIPE).read().replace("checkpoint: blocks", "checkpoint: sometimes"))
+    # jsonargparse re-raises the strategy's MemKitConfigError inside its own ValueError, message kept
+    with pytest.raises(ValueError, match="activations.checkpoint='sometimes' is not a known name.*'blocks'"):
+        MemKitCLI(args=["--config", str(recipe)], run=False)
+
+
+def test_unknown_memkit_preset_lists_presets(tmp_path):
+    with pytest.raises(MemKitConfigError, match="memkit_turbo.*'memkit', 'memkit_checkpoint'"):
+        MemKitCLI(args=["--config", RECIPE, "--trainer.strategy=memkit_turbo"], run=False)
+
+
+def test_preset_name_on_the_command_line(tmp_path):
+    cli = MemKitCLI(args=["--config", RECIPE, *fast_overrides(tmp_path), "--trainer.strategy=memkit"], run=False)
+    assert isinstance(cli.trainer.strategy, MemKitStrategy) and cli.trainer.strategy.techniques == []
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", RECIPE, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "lightning_memkit.MemKitStrategy" in out and "checkpoint: blocks" in out
+
+
+@pytest.mark.slow
+def test_console_script_runs(tmp_path):
+    exe = shutil.which("memkit") or os.path.join(os.path.dirname(sys.executable), "memkit")
+    proc = subprocess.run(
+        [exe, "fit", "--config", RECIPE, *fast_overrides(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation perplexity: first evaluation" in proc.stdout + proc.stderr
+    assert "MemoryReport" in proc.stdout + proc.stderr

@@ -1,0 +1,60 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_memkit import CausalLMModule, TextDataModule
+
+
+def test_fit_reference_model_on_real_text_lowers_val_loss(trainer_kwargs, small_corpus_dir):
+    pl.seed_everything(0)
+    module = CausalLMModule(model="tiny", learning_rate=3e-3, warmup_steps=2)
+    data = TextDataModule(paths=small_corpus_dir, seq_len=64, batch_size=8)
+    trainer = pl.Trainer(strategy="memkit", **{**trainer_kwargs, "max_steps": 60, "val_check_interval": 20,
+                                               "check_val_every_n_epoch": None, "limit_val_batches": 4})
+    trainer.fit(module, data)
+    assert len(module.val_history) == 3
+    assert module.val_history == sorted(module.val_history, reverse=True)
+    assert module.val_history[-1] < 0.9 * module.val_history[0]
+    assert "val_ppl" in trainer.callback_metrics and "train_loss" in trainer.callback_metrics
+
+
+def test_hf_model_from_local_path(tmp_path, trainer_kwargs, small_corpus_dir):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    module = CausalLMModule(hf_path=str(tmp_path / "hf"))
+    data = TextDataModule(paths=small_corpus_dir, seq_len=32, batch_size=2)
+    pl.Trainer(strategy="memkit_checkpoint", **trainer_kwargs).fit(module, data)
+    assert module.max_seq_len == 64
+
+
+def test_sequence_length_above_model_maximum_fails_at_setup(trainer_kwargs, small_corpus_dir):
+    module = CausalLMModule(model="tiny", max_seq_len=32)
+    data = TextDataModule(paths=small_corpus_dir, seq_len=64)
+    with pytest.raises(ValueError, match="data.seq_len=64 is above the model's maximum sequence length 32"):
+        pl.Trainer(strategy="memkit", **trainer_kwargs).fit(module, data)
+
+
+def test_vocabulary_mismatch_fails_at_setup(trainer_kwargs, small_corpus_dir):
+    module = CausalLMModule(model="tiny", vocab_size=100)
+    with pytest.raises(ValueError, match=r"tokenizer's vocabulary \(258\) is larger than the model's \(100\)"):
+        pl.Trainer(strategy="memkit", **trainer_kwargs).fit(module, TextDataModule(paths=small_corpus_dir))
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="model.model='huge'.*small"):
+        CausalLMModule(model="huge")
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path, trainer_kwargs, small_corpus_dir):
+    module = CausalLMModule(model="tiny")
+    trainer = pl.Trainer(strategy="memkit_checkpoint", **trainer_kwargs)
+    trainer.fit(module, TextDataModule(paths=small_corpus_dir, seq_len=32, batch_size=2))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)
+    assert "optimizer_states" in state and "lr_schedulers" in state
+    restored = CausalLMModule.load_from_checkpoint(path, weights_only=True)
+    for a, b in zip(module.state_dict().values(), restored.state_dict().values()):
+        assert torch.equal(a, b)
