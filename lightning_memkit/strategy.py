@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from datetime import timedelta
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -134,9 +134,9 @@ class MemKitStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING and self.techniques:
             module = self.lightning_module
             assert module is not None
+            self._installed_on = module  # set first: teardown undoes a partial install after an error
             for technique in self.techniques:
                 technique.setup_module(module)
-            self._installed_on = module
             rank_zero_info("memkit: " + "; ".join(t.describe() for t in self.techniques))
         super().setup(trainer)
 
@@ -156,11 +156,12 @@ class MemKitStrategy(DDPStrategy):
                         _repoint_scheduler(config.scheduler, after)
             self.optimizers = new
 
-    def _step_context(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        for technique in self.techniques:
-            stack.enter_context(technique.step_context())
-        return stack
+    @contextlib.contextmanager
+    def _step_context(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for technique in self.techniques:
+                stack.enter_context(technique.step_context())
+            yield
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

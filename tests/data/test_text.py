@@ -129,3 +129,20 @@ def test_max_tokens_caps_reading(tmp_path):
     train, val = tokenize_corpus(files, ByteTokenizer(), val_fraction=0.1, max_tokens=1000)
     full_train, full_val = tokenize_corpus(files, ByteTokenizer(), val_fraction=0.1)
     assert 1000 <= len(train) + len(val) < len(full_train) + len(full_val)
+
+
+def test_sentencepiece_model_file(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    root = _write_corpus(tmp_path / "c")
+    corpus = tmp_path / "all.txt"
+    corpus.write_text("\n".join(open(os.path.join(root, f)).read() for f in sorted(os.listdir(root))))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40, eos_id=2, bos_id=-1,
+        minloglevel=2,
+    )
+    tok = load_tokenizer(str(tmp_path / "sp.model"))
+    assert tok.vocab_size == 40 and tok.eos_id == 2
+    dm = TextDataModule(paths=root, tokenizer=str(tmp_path / "sp.model"), seq_len=8)
+    dm.setup()
+    assert int(dm.train_set.tokens.max()) < 40
+    assert "quick brown" in tok.decode(dm.train_set.tokens[:40].tolist())
