@@ -10,7 +10,7 @@ activation checkpointing as worse than no checkpointing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import torch
@@ -45,6 +45,7 @@ class MemoryBreakdown:
         method: how it was measured.
         allocator_peak: on CUDA, the caching allocator's peak during the step (includes
             fragmentation and tensors outside the tracked objects); None elsewhere.
+        step: the optimizer step measured, when known.
     """
 
     by_category: dict[str, int]
@@ -52,7 +53,6 @@ class MemoryBreakdown:
     method: str = "MemTracker (bytes of live tensor storages)"
     allocator_peak: Optional[int] = None
     step: Optional[int] = None
-    extra: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak(self) -> int:
@@ -152,7 +152,6 @@ class StepMemoryTracker:
         self._tracker = _closure_aware_mem_tracker()
         self._tracker.track_external(module, *optimizers)
         self._device: Optional[torch.device] = None
-        self._cuda_start: Optional[int] = None
         self._cuda_peak: Optional[int] = None
         for p in module.parameters():
             self._device = p.device
@@ -192,16 +191,18 @@ def fake_training_step(
 ) -> MemoryBreakdown:
     """Peak memory of one training step of a full-size reference model, measured on fake tensors.
 
-    The model is built inside ``FakeTensorMode`` on the CPU device, so nothing is allocated and a
-    Llama-3-8B step takes seconds. The step is forward, cross-entropy on full logits (fp32, as
-    ``CausalLMModule`` computes it), backward and an AdamW update. ``warmup_steps`` unmeasured steps
-    run first, so the measured step starts with the optimizer state in place.
+    The model is built inside ``FakeTensorMode`` on the CPU device, so nothing is allocated; a
+    Llama-3-8B step at 4096 tokens is measured in about 15 s on 2 CPU cores. The step is forward,
+    cross-entropy on full logits (fp32, as ``CausalLMModule`` computes it), backward and an AdamW
+    update. ``warmup_steps`` unmeasured steps run first, so the measured step starts with the
+    optimizer state in place.
 
     Args:
         model: a name from :data:`lightning_memkit.models.NAMED_CONFIGS`, or a ``LlamaConfig``.
         seq_len, batch_size: tokens per sequence and sequences per micro-batch.
         dtype: parameter (and activation) dtype; optimizer state follows the parameters.
         checkpoint_every: None for no activation checkpointing, else checkpoint every k-th block.
+        warmup_steps: unmeasured steps before the measured one.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
