@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 
 class MemKitConfigError(ValueError):
@@ -124,4 +124,83 @@ def parse_activations(value: ActivationsSetting) -> ActivationsConfig:
         f"activations={value!r} has type {type(value).__name__}. Fix: pass a string "
         f"({_fmt_allowed(ACTIVATIONS_SHORTHANDS)}), a mapping of {_fmt_allowed(f.name for f in dataclasses.fields(ActivationsConfig))}, "
         "or an ActivationsConfig."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# cross_entropy: how the LM head and the loss are computed
+# --------------------------------------------------------------------------------------------------
+
+#: Implementations of the fused loss (see ``lightning_memkit.loss.linear_cross_entropy``).
+CROSS_ENTROPY_IMPLS = ("auto", "triton", "chunked", "torch")
+
+CROSS_ENTROPY_SHORTHANDS: dict[str, dict[str, Any]] = {
+    "fused": {},
+    "plain": {"fused": False},
+}
+
+
+@dataclass(frozen=True)
+class CrossEntropyConfig:
+    """Settings of the ``cross_entropy`` family.
+
+    Attributes:
+        fused: compute the head and the loss together without materializing the logits (exact).
+            ``False`` leaves the model's own loss computation alone.
+        impl: one of :data:`CROSS_ENTROPY_IMPLS`; ``"auto"``: Triton on CUDA, chunked PyTorch elsewhere.
+        chunk_size: tokens per chunk of the chunked implementation (None: about 32 MiB of logits).
+        filter_eps: Triton only: drop logit-gradient entries below this (approximate; None: exact).
+    """
+
+    fused: bool = True
+    impl: str = "auto"
+    chunk_size: Optional[int] = None
+    filter_eps: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fused, bool):
+            raise MemKitConfigError(
+                f"cross_entropy.fused={self.fused!r} has type {type(self.fused).__name__}. Fix: set it to true or false."
+            )
+        check_choice("cross_entropy.impl", self.impl, CROSS_ENTROPY_IMPLS)
+        if self.chunk_size is not None:
+            check_int("cross_entropy.chunk_size", self.chunk_size, minimum=1)
+        if self.filter_eps is not None:
+            if isinstance(self.filter_eps, bool) or not isinstance(self.filter_eps, (int, float)) or not self.filter_eps > 0:
+                raise MemKitConfigError(
+                    f"cross_entropy.filter_eps={self.filter_eps!r} must be a number > 0. Fix: use e.g. 0.000244 "
+                    "(2**-12), or null for exact gradients."
+                )
+            if self.impl not in ("triton", "auto"):
+                raise MemKitConfigError(
+                    f"cross_entropy.filter_eps is a Triton-only option but impl={self.impl!r}. "
+                    "Fix: set cross_entropy.impl to 'triton' or drop filter_eps."
+                )
+
+
+CrossEntropySetting = Union[str, Mapping[str, Any], CrossEntropyConfig, None]
+
+
+def parse_cross_entropy(value: CrossEntropySetting) -> CrossEntropyConfig:
+    """Turn the user's ``cross_entropy=`` setting into a :class:`CrossEntropyConfig`.
+
+    Args:
+        value: ``None`` (fused, the default); ``"fused"`` or ``"plain"``; a mapping of
+            :class:`CrossEntropyConfig` fields; or a :class:`CrossEntropyConfig`.
+
+    Raises:
+        MemKitConfigError: unknown shorthand, unknown key, bad value or wrong type.
+    """
+    if value is None:
+        return CrossEntropyConfig()
+    if isinstance(value, CrossEntropyConfig):
+        return value
+    if isinstance(value, str):
+        check_choice("cross_entropy", value, tuple(CROSS_ENTROPY_SHORTHANDS))
+        return CrossEntropyConfig(**CROSS_ENTROPY_SHORTHANDS[value])
+    if isinstance(value, Mapping):
+        return _from_mapping(CrossEntropyConfig, "cross_entropy", value)
+    raise MemKitConfigError(
+        f"cross_entropy={value!r} has type {type(value).__name__}. Fix: pass 'fused', 'plain', a mapping of "
+        f"{_fmt_allowed(f.name for f in dataclasses.fields(CrossEntropyConfig))}, or a CrossEntropyConfig."
     )

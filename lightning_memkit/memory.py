@@ -180,6 +180,73 @@ class StepMemoryTracker:
         )
 
 
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+class AllocatorStepTracker:
+    """CUDA: the step's peak from the caching allocator's statistics (no operator interception).
+
+    Parameters, buffers, gradients and optimizer state are counted exactly from the objects at the
+    end of the step; ``activations`` holds the rest of the allocator's peak (activations,
+    temporaries and anything else the step allocated). Same interface as :class:`StepMemoryTracker`.
+    """
+
+    method = "the CUDA allocator's peak (activations = peak - parameters - buffers - gradients - optimizer state)"
+
+    def __init__(self, module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        self.module, self.optimizers = module, list(optimizers)
+        self.device = next(module.parameters()).device
+        self._peak = 0
+
+    def __enter__(self) -> "AllocatorStepTracker":
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self._peak = torch.cuda.max_memory_allocated(self.device)
+
+    def result(self, step: Optional[int] = None) -> MemoryBreakdown:
+        params = _tensor_bytes(self.module.parameters())
+        buffers = _tensor_bytes(self.module.buffers())
+        grads = _tensor_bytes(p.grad for p in self.module.parameters() if p.grad is not None)
+        state = _tensor_bytes(
+            v for opt in self.optimizers for st in opt.state.values() for v in st.values()
+            if isinstance(v, torch.Tensor) and v.device.type == "cuda"
+        )
+        known = params + buffers + grads + state
+        by_category = dict.fromkeys(CATEGORIES, 0)
+        by_category.update(parameters=params, buffers=buffers, gradients=grads, optimizer_state=state,
+                           activations=max(0, self._peak - known))
+        return MemoryBreakdown(by_category=by_category, device=str(self.device), method=self.method,
+                               allocator_peak=self._peak, step=step)
+
+
+def make_step_tracker(
+    module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), method: str = "auto"
+) -> "StepMemoryTracker | AllocatorStepTracker":
+    """``"tracker"``: :class:`StepMemoryTracker`; ``"allocator"``: :class:`AllocatorStepTracker` (CUDA);
+    ``"auto"``: the allocator on CUDA, the tracker elsewhere."""
+    if method not in ("auto", "tracker", "allocator"):
+        raise ValueError(f"method={method!r} is not a measuring method. Fix: use 'auto', 'tracker' or 'allocator'.")
+    on_cuda = next(module.parameters()).device.type == "cuda"
+    if method == "allocator" and not on_cuda:
+        raise ValueError("method='allocator' needs a model on CUDA. Fix: use 'tracker' (or 'auto') on other devices.")
+    if method == "allocator" or (method == "auto" and on_cuda):
+        return AllocatorStepTracker(module, optimizers)
+    return StepMemoryTracker(module, optimizers)
+
+
 def fake_training_step(
     model: Union[str, "LlamaConfig"],
     *,

@@ -48,6 +48,11 @@ class CausalLMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for key, value, lo in (("learning_rate", learning_rate, 0.0), ("weight_decay", weight_decay, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo or (key == "learning_rate" and value == 0):
+                raise ValueError(f"model.{key}={value!r} must be a number {'>' if key == 'learning_rate' else '>='} 0.")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps={warmup_steps!r} must be an integer >= 0.")
         if hf_path is None and model not in NAMED_CONFIGS:
             raise ValueError(f"model.model={model!r} is not a named model shape. Fix: use one of {sorted(NAMED_CONFIGS)}.")
         self.model: Optional[torch.nn.Module] = None

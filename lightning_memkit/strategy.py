@@ -25,7 +25,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_memkit.config import ActivationsConfig, parse_activations
+from lightning_memkit.config import ActivationsConfig, MemKitConfigError, parse_activations
 from lightning_memkit.techniques import Technique
 
 #: name -> (description, init arguments). Registered with Lightning when the package is imported.
@@ -39,6 +39,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {"activations": {"checkpoint": "blocks"}},
     ),
 }
+
+
+#: the technique-family arguments of MemKitStrategy
+MEMKIT_ARGUMENTS = ("activations",)
 
 
 class MemKitStrategy(DDPStrategy):
@@ -76,6 +80,7 @@ class MemKitStrategy(DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         self.activations = parse_activations(activations)
+        _check_ddp_kwargs(ddp_kwargs)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -192,6 +197,22 @@ class MemKitStrategy(DDPStrategy):
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         for name, (description, init_params) in PRESETS.items():
             strategy_registry.register(name, cls, description=description, override=True, **init_params)
+
+
+def _check_ddp_kwargs(ddp_kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments that DistributedDataParallel does not take (e.g. a misspelled setting)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
+    unknown = sorted(set(ddp_kwargs) - accepted)
+    if unknown:
+        raise MemKitConfigError(
+            f"MemKitStrategy got unknown argument(s) {unknown}: they are neither memkit settings nor "
+            f"DistributedDataParallel arguments. Fix: use memkit's {sorted(MEMKIT_ARGUMENTS)} or DDP's "
+            f"{sorted(accepted)}."
+        )
 
 
 def _repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -42,6 +42,16 @@ def test_vocabulary_mismatch_fails_at_setup(trainer_kwargs, small_corpus_dir):
         pl.Trainer(strategy="memkit", **trainer_kwargs).fit(module, TextDataModule(paths=small_corpus_dir))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"learning_rate": "x"}, "model.learning_rate='x'"), ({"learning_rate": 0.0}, "model.learning_rate=0.0"),
+     ({"weight_decay": -1.0}, "model.weight_decay=-1.0"), ({"warmup_steps": 1.5}, "model.warmup_steps=1.5")],
+)
+def test_wrong_types_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CausalLMModule(model="tiny", **kwargs)
+
+
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="model.model='huge'.*small"):
         CausalLMModule(model="huge")

@@ -76,7 +76,17 @@ def test_wheel_contains_the_kernels_package(tmp_path):
     wheel = next(p for p in os.listdir(tmp_path) if p.endswith(".whl"))
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
     assert "lightning_memkit/kernels/__init__.py" in names
-    assert "lightning_memkit/strategy.py" in names
+    # every source module of the package is in the wheel
+    for folder, _, files in os.walk(os.path.join(ROOT, "lightning_memkit")):
+        rel = os.path.relpath(folder, ROOT)
+        if "__pycache__" in rel:
+            continue
+        for f in files:
+            if f.endswith(".py"):
+                assert os.path.join(rel, f).replace(os.sep, "/") in names, f"{rel}/{f} missing from the wheel"
+    for f in os.listdir(os.path.join(ROOT, "kernels")):
+        if f.endswith(".py"):
+            assert f"lightning_memkit/kernels/{f}" in names
     assert not any(n.startswith("kernels/") for n in names)
     assert any(n.endswith("entry_points.txt") for n in names)
     entry_points = zipfile.ZipFile(tmp_path / wheel).read(next(n for n in names if n.endswith("entry_points.txt")))

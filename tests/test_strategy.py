@@ -56,6 +56,12 @@ def test_strategy_rejects_bad_settings_at_construction():
         MemKitStrategy(activations={"checkpoint": "blocks", "every": 2})
 
 
+def test_misspelled_argument_is_refused():
+    with pytest.raises(MemKitConfigError, match=r"unknown argument\(s\) \['activation'\].*'activations'"):
+        MemKitStrategy(activation="checkpoint")
+    MemKitStrategy(find_unused_parameters=True)  # a real DistributedDataParallel argument
+
+
 def _fit(strategy, trainer_kwargs, module=None, **overrides):
     module = module or UserModule()
     trainer = pl.Trainer(strategy=strategy, **{**trainer_kwargs, **overrides})

@@ -9,34 +9,40 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
-from lightning_memkit.memory import CATEGORIES, MIB, MemoryBreakdown, StepMemoryTracker, format_table
+from lightning_memkit.memory import CATEGORIES, MIB, MemoryBreakdown, format_table, make_step_tracker
 
 
 class MemoryReport(Callback):
     """Measure the peak memory of a training step every ``every_n_steps`` optimizer steps.
 
-    Each measured step runs under :class:`~lightning_memkit.memory.StepMemoryTracker`, which counts
-    the bytes of live tensors (CPU and CUDA alike) and splits the peak into parameters, buffers,
-    gradients, optimizer state, activations, temporaries and other; on CUDA the allocator's own peak
-    is reported beside it. A measured step runs slower (every operator is intercepted), so measure
-    sparingly. The breakdown is logged to the Trainer's loggers as ``memory/<category>_mib`` at each
+    ``method="tracker"`` runs the measured step under
+    :class:`~lightning_memkit.memory.StepMemoryTracker`, which counts the bytes of live tensors (any
+    device) and splits the peak into parameters, buffers, gradients, optimizer state, activations,
+    temporaries and other; such a step runs slower (every operator is intercepted), so measure
+    sparingly. ``method="allocator"`` (CUDA) takes the peak from the caching allocator's statistics
+    at no cost and counts parameters, gradients and optimizer state exactly, the rest being
+    activations. ``"auto"``: the allocator on CUDA, the tracker elsewhere. The breakdown is logged to the Trainer's loggers as ``memory/<category>_mib`` at each
     measurement and printed as a table when fitting ends (rank zero).
 
     Args:
         every_n_steps: measure when the global step is a multiple of this (step 0 included).
         print_every: also print the table at every measurement, not only at the end.
+        method: ``"auto"``, ``"tracker"`` or ``"allocator"`` (see above).
 
     Attributes:
         reports: one :class:`~lightning_memkit.memory.MemoryBreakdown` per measured step.
     """
 
-    def __init__(self, every_n_steps: int = 100, print_every: bool = False) -> None:
+    def __init__(self, every_n_steps: int = 100, print_every: bool = False, method: str = "auto") -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"MemoryReport.every_n_steps={every_n_steps!r} must be an integer >= 1.")
+        if method not in ("auto", "tracker", "allocator"):
+            raise ValueError(f"MemoryReport.method={method!r} is not one of 'auto', 'tracker', 'allocator'.")
+        self.method = method
         self.every_n_steps = every_n_steps
         self.print_every = print_every
         self.reports: list[MemoryBreakdown] = []
-        self._active: Optional[StepMemoryTracker] = None
+        self._active: Optional[Any] = None
         self._active_step = 0
 
     def _should_measure(self, trainer: "pl.Trainer", batch_idx: int) -> bool:
@@ -46,7 +52,7 @@ class MemoryReport(Callback):
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         if self._should_measure(trainer, batch_idx):
-            self._active = StepMemoryTracker(pl_module, trainer.optimizers)
+            self._active = make_step_tracker(pl_module, trainer.optimizers, self.method)
             self._active_step = trainer.global_step
             self._active.__enter__()
 
@@ -78,7 +84,7 @@ class MemoryReport(Callback):
     @rank_zero_only
     def _log(self, trainer: "pl.Trainer", report: MemoryBreakdown) -> None:
         for logger in trainer.loggers:
-            logger.log_metrics(report.as_metrics(), step=trainer.global_step)
+            logger.log_metrics(report.as_metrics(), step=report.step)
 
     def table(self, report: MemoryBreakdown) -> str:
         """The report as a text table: category, MiB, share of the peak."""

@@ -61,9 +61,22 @@ def list_files(paths: list[str]) -> list[str]:
     return sorted(files)
 
 
-def iter_documents(path: str, text_key: str, root: str) -> list[tuple[str, str]]:
-    """(split key, text) for each document in ``path``; the key is the path relative to ``root``."""
-    rel = os.path.relpath(path, root) if root else path
+def split_keys(paths: list[str]) -> list[tuple[str, str]]:
+    """(file, split key) for the text files under ``paths``, sorted by file.
+
+    The key is the file's path relative to the folder it was found in (a file given directly: its
+    name), so the train/validation split does not change when the data moves.
+    """
+    keyed: dict[str, str] = {}
+    for path in paths:
+        base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        for f in list_files([path]):
+            keyed.setdefault(f, os.path.relpath(f, base))
+    return sorted(keyed.items())
+
+
+def iter_documents(path: str, text_key: str, rel: str) -> list[tuple[str, str]]:
+    """(split key, text) for each document in ``path``, whose own split key is ``rel``."""
     with open(path, encoding="utf-8", errors="replace") as f:
         if not path.endswith(".jsonl"):
             return [(rel, f.read())]
@@ -89,10 +102,11 @@ def is_validation(key: str, val_fraction: float) -> bool:
 
 
 def tokenize_corpus(
-    files: list[str], tokenizer: Tokenizer, *, val_fraction: float, text_key: str = "text",
-    max_tokens: Optional[int] = None, root: str = "",
+    files: list[tuple[str, str]], tokenizer: Tokenizer, *, val_fraction: float, text_key: str = "text",
+    max_tokens: Optional[int] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token streams (train, val) of the documents in ``files``, each document ending in eos.
+    """Token streams (train, val) of the documents in ``files`` ((path, split key) pairs, see
+    :func:`split_keys`), each document ending in eos.
 
     ``max_tokens`` caps the total (train + val) by stopping after the file that crosses it.
     """
@@ -100,8 +114,8 @@ def tokenize_corpus(
     val: list[np.ndarray] = []
     total = 0
     eos = np.array([tokenizer.eos_id], dtype=np.int64)
-    for path in files:
-        for key, text in iter_documents(path, text_key, root):
+    for path, rel in files:
+        for key, text in iter_documents(path, text_key, rel):
             if not text:
                 continue
             ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
@@ -162,12 +176,20 @@ class TextDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         if isinstance(paths, str):
             paths = [paths]
+        if paths is not None and (not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) for p in paths)):
+            raise ValueError(f"data.paths={paths!r} must be a path or a list of paths (strings).")
         if paths is not None and len(paths) == 0:
             raise ValueError("data.paths=[] is empty. Fix: list at least one file or folder, or leave it unset.")
+        if not isinstance(tokenizer, str):
+            raise ValueError(f"data.tokenizer={tokenizer!r} must be 'byte' or a local path (a string).")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"data.max_tokens={max_tokens!r} must be an integer >= 1 (or null for no cap).")
+        if not isinstance(text_key, str):
+            raise ValueError(f"data.text_key={text_key!r} must be a string.")
         for key, value, lo in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"data.{key}={value!r} must be an integer >= {lo}.")
-        if not 0.0 < val_fraction < 1.0:
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction!r} must lie strictly between 0 and 1.")
         self.paths = paths
         self.seq_len = seq_len
@@ -189,11 +211,9 @@ class TextDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         roots = self.paths if self.paths is not None else [stdlib_dir()]
-        files = list_files(roots)
-        root = roots[0] if len(roots) == 1 and os.path.isdir(roots[0]) else ""
         train, val = tokenize_corpus(
-            files, self.tokenizer, val_fraction=self.val_fraction, text_key=self.text_key,
-            max_tokens=self.max_tokens, root=root,
+            split_keys(roots), self.tokenizer, val_fraction=self.val_fraction, text_key=self.text_key,
+            max_tokens=self.max_tokens,
         )
         self.train_set, self.val_set = PackedDataset(train, self.seq_len), PackedDataset(val, self.seq_len)
         for name, ds, toks in (("training", self.train_set, train), ("validation", self.val_set, val)):

@@ -165,12 +165,18 @@ class KVCache:
         """P: number of tokens already cached (layer 0's count)."""
         return 0 if self.keys[0] is None else self.keys[0].shape[-2]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append this step's k, v (B, K, T, E) and return all keys/values (B, K, P+T, E)."""
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=-2)
-            v = torch.cat((self.values[layer], v), dim=-2)
-        self.keys[layer], self.values[layer] = k, v
+    def update(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Append this step's k, v (B, K, T, E) at position ``start``; return keys/values (B, K, start+T, E).
+
+        Idempotent for a repeated call with the same ``start`` (activation checkpointing recomputes
+        the block in the backward pass): the entry then already ends at ``start + T`` and is kept.
+        """
+        cached_k, cached_v = self.keys[layer], self.values[layer]
+        if cached_k is not None and start > 0:
+            k = torch.cat((cached_k[..., :start, :], k), dim=-2)
+            v = torch.cat((cached_v[..., :start, :], v), dim=-2)
+        if cached_k is None or cached_k.shape[-2] == start:  # first call for these positions: store
+            self.keys[layer], self.values[layer] = k, v
         return k, v
 
 
@@ -185,18 +191,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * e, cfg.dim, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, layer: int = 0, kv_cache: Optional[KVCache] = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, layer: int = 0, kv_cache: Optional[KVCache] = None, past: int = 0
     ) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
         if kv_cache is not None:
-            cached = kv_cache.keys[layer]
-            past = 0 if cached is None else cached.shape[-2]
-            k, v = kv_cache.update(layer, k, v)  # (B, K, P+T, E)
+            k, v = kv_cache.update(layer, k, v, past)  # (B, K, P+T, E)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each K/V head serves H/K query heads
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)  # (B, H, P+T, E)
@@ -232,9 +235,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, layer: int = 0, kv_cache: Optional[KVCache] = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, layer: int = 0, kv_cache: Optional[KVCache] = None, past: int = 0
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, layer, kv_cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, layer, kv_cache, past)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -299,7 +302,7 @@ class Transformer(nn.Module):
         positions = torch.arange(past, past + t, device=input_ids.device)
         cos, sin = rope_cos_sin(positions, self.config.resolved_head_dim, self.config.rope_theta, x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, i, kv_cache)
+            x = block(x, cos, sin, i, kv_cache, past)
         return self.norm(x)
 
     def forward(self, input_ids: Tensor, kv_cache: Optional[KVCache] = None) -> Tensor:
@@ -359,6 +362,12 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
     )
     if rope_type not in ("default", None):
         raise ValueError(f"RoPE scaling {rope_type!r} is not supported by the reference model; use the HF adapter.")
+    window = getattr(hf_config, "sliding_window", None)
+    if window is not None and getattr(hf_config, "use_sliding_window", True) and window < hf_config.max_position_embeddings:
+        raise ValueError(
+            f"the Hugging Face config uses sliding-window attention (sliding_window={window}), which the reference "
+            "model does not implement. Fix: use the HF adapter (load_hf_causal_lm / HFCausalLM) for this model."
+        )
     n_heads = hf_config.num_attention_heads
     return LlamaConfig(
         vocab_size=hf_config.vocab_size,

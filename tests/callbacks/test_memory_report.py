@@ -55,8 +55,9 @@ def test_logged_to_the_trainers_loggers(trainer_kwargs, small_corpus_dir, tmp_pa
     )
     trainer.fit(CausalLMModule(model="tiny"), TextDataModule(paths=small_corpus_dir, seq_len=32, batch_size=2))
     rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "mem" / "*" / "metrics.csv"))[0])))
-    peaks = [r["memory/peak_mib"] for r in rows if r.get("memory/peak_mib")]
-    assert len(peaks) == 2 and all(float(p) > 0 for p in peaks)
+    peaks = [(int(r["step"]), r["memory/peak_mib"]) for r in rows if r.get("memory/peak_mib")]
+    assert [step for step, _ in peaks] == [0, 1]  # logged at the step that was measured
+    assert all(float(p) > 0 for _, p in peaks)
 
 
 def test_tracker_outside_lightning_closure_categories():
@@ -111,3 +112,29 @@ def test_fake_step_checkpointing_saves_activations():
 def test_bad_interval():
     with pytest.raises(ValueError, match="every_n_steps=0"):
         MemoryReport(every_n_steps=0)
+
+
+def test_allocator_method_needs_cuda():
+    from lightning_memkit.memory import make_step_tracker
+
+    with pytest.raises(ValueError, match="needs a model on CUDA"):
+        make_step_tracker(torch.nn.Linear(2, 2), method="allocator")
+    with pytest.raises(ValueError, match="MemoryReport.method='rss'"):
+        MemoryReport(method="rss")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_allocator_method_on_cuda():
+    from lightning_memkit.memory import make_step_tracker
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256)).cuda()
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randn(512, 256, device="cuda")
+    for _ in range(2):
+        with make_step_tracker(model, [opt]) as tracker:
+            model(x).square().mean().backward()
+            opt.step()
+    r = tracker.result()
+    assert r.by_category["parameters"] == parameter_bytes(model)
+    assert r.by_category["activations"] >= 512 * 1024 * 4
+    assert r.allocator_peak == r.peak

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from lightning_memkit.data import ByteTokenizer, TextDataModule, list_files, load_tokenizer, tokenize_corpus
+from lightning_memkit.data import ByteTokenizer, TextDataModule, list_files, load_tokenizer, split_keys, tokenize_corpus
 from lightning_memkit.data.text import is_validation
 
 
@@ -88,6 +88,35 @@ def test_missing_and_empty_paths(tmp_path):
         TextDataModule(paths=str(tmp_path / "tiny.txt"), seq_len=64).setup()
 
 
+def test_split_independent_of_location_for_several_roots_and_files(tmp_path):
+    a = _write_corpus(tmp_path / "one" / "a", n_docs=20)
+    b = _write_corpus(tmp_path / "one" / "b", n_docs=20)
+    single = os.path.join(a, "doc03.txt")
+    moved = shutil.copytree(tmp_path / "one", tmp_path / "two" / "deeper")
+    first = TextDataModule(paths=[a, b, single], seq_len=16, val_fraction=0.3)
+    second = TextDataModule(paths=[str(moved / "a"), str(moved / "b"), str(moved / "a" / "doc03.txt")], seq_len=16,
+                            val_fraction=0.3)
+    first.setup(), second.setup()
+    assert torch.equal(first.val_set.tokens, second.val_set.tokens)
+    assert torch.equal(first.train_set.tokens, second.train_set.tokens)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"val_fraction": "0.1"}, "data.val_fraction='0.1'"),
+        ({"max_tokens": "100"}, "data.max_tokens='100'"),
+        ({"max_tokens": -5}, "data.max_tokens=-5"),
+        ({"tokenizer": None}, "data.tokenizer=None"),
+        ({"paths": 5}, "data.paths=5"),
+        ({"batch_size": 0}, "data.batch_size=0"),
+    ],
+)
+def test_wrong_types_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TextDataModule(**kwargs)
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match="data.seq_len=0"):
         TextDataModule(seq_len=0)
@@ -125,7 +154,7 @@ def test_list_files_sorted_and_filtered(tmp_path):
 
 def test_max_tokens_caps_reading(tmp_path):
     root = _write_corpus(tmp_path / "c")
-    files = list_files([root])
+    files = split_keys([root])
     train, val = tokenize_corpus(files, ByteTokenizer(), val_fraction=0.1, max_tokens=1000)
     full_train, full_val = tokenize_corpus(files, ByteTokenizer(), val_fraction=0.1)
     assert 1000 <= len(train) + len(val) < len(full_train) + len(full_val)

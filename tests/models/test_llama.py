@@ -104,3 +104,33 @@ def test_config_errors():
         LlamaConfig(vocab_size=10, dim=16, n_layers=1, n_heads=4, n_kv_heads=3, ffn_dim=8)
     with pytest.raises(ValueError, match="dim=16 is not divisible by n_heads=3"):
         LlamaConfig(vocab_size=10, dim=16, n_layers=1, n_heads=3, n_kv_heads=3, ffn_dim=8)
+
+
+def test_sliding_window_configs_are_refused():
+    hf = tiny_hf("mistral", sliding_window=8)
+    with pytest.raises(ValueError, match="sliding-window attention.*HF adapter"):
+        from_hf(hf)
+
+
+def test_kv_cache_with_gradients_and_checkpointing():
+    """The cache is differentiable, and a checkpointed block's recomputation does not append twice."""
+    from lightning_memkit.activations import apply_checkpointing
+
+    ids = torch.randint(0, 258, (2, 12))
+
+    def run(checkpointed: bool):
+        torch.manual_seed(0)
+        model = Transformer.from_name("tiny")
+        if checkpointed:
+            apply_checkpointing(list(model.blocks))
+        cache = KVCache(model.config.n_layers)
+        out = torch.cat([model(ids[:, :5], kv_cache=cache), model(ids[:, 5:], kv_cache=cache)], dim=1)
+        out.square().mean().backward()
+        assert cache.seq_len == 12
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    plain_out, plain_grads = run(False)
+    ckpt_out, ckpt_grads = run(True)
+    torch.testing.assert_close(ckpt_out, plain_out)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, msg=name)
