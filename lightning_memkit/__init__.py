@@ -5,7 +5,7 @@ Importing the package registers the ``memkit*`` strategy names with Lightning, s
 bitsandbytes, triton) are imported only when a feature needs them.
 """
 
-from lightning_memkit.config import ActivationsConfig, MemKitConfigError
+from lightning_memkit.config import ActivationsConfig, CrossEntropyConfig, MemKitConfigError
 from lightning_memkit.strategy import PRESETS, MemKitStrategy, register
 
 register()
@@ -32,6 +32,7 @@ def __getattr__(name: str):  # lazy: these pull in torchmetrics / data code only
 __all__ = [
     "PRESETS",
     "ActivationsConfig",
+    "CrossEntropyConfig",
     "CausalLMModule",
     "MemKitConfigError",
     "MemKitStrategy",

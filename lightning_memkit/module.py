@@ -12,10 +12,10 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_memkit.loss.toggle import causal_lm_loss
 from lightning_memkit.models.llama import NAMED_CONFIGS, Transformer, get_config
 
 
@@ -83,10 +83,8 @@ class CausalLMModule(pl.LightningModule):
         return self.model(input_ids)
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        logits = self.model(batch["input_ids"])  # (B, T, V)
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=self.hparams.ignore_index
-        )
+        # fused (no logits) when the strategy's cross_entropy="fused" is active, plain otherwise
+        return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], ignore_index=self.hparams.ignore_index)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -25,24 +25,30 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_memkit.config import ActivationsConfig, MemKitConfigError, parse_activations
+from lightning_memkit.config import (
+    ActivationsConfig,
+    CrossEntropyConfig,
+    MemKitConfigError,
+    parse_activations,
+    parse_cross_entropy,
+)
 from lightning_memkit.techniques import Technique
 
 #: name -> (description, init arguments). Registered with Lightning when the package is imported.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "memkit": (
-        "memkit with its safe defaults: only techniques that change no result and cost no extra compute",
-        {},
+        "memkit with its safe defaults: fused linear cross-entropy (exact, no extra compute)",
+        {"cross_entropy": "fused"},
     ),
     "memkit_checkpoint": (
-        "memkit with activation checkpointing of every transformer block (exact; ~1/3 more compute)",
-        {"activations": {"checkpoint": "blocks"}},
+        "memkit's defaults plus activation checkpointing of every transformer block (exact; ~1/3 more compute)",
+        {"cross_entropy": "fused", "activations": {"checkpoint": "blocks"}},
     ),
 }
 
 
 #: the technique-family arguments of MemKitStrategy
-MEMKIT_ARGUMENTS = ("activations",)
+MEMKIT_ARGUMENTS = ("activations", "cross_entropy")
 
 
 class MemKitStrategy(DDPStrategy):
@@ -53,6 +59,9 @@ class MemKitStrategy(DDPStrategy):
             ``"checkpoint"`` (checkpoint every transformer block), a mapping of
             :class:`~lightning_memkit.config.ActivationsConfig` fields such as
             ``{"checkpoint": "blocks", "checkpoint_every": 2}``, or an ``ActivationsConfig``.
+        cross_entropy: how the LM head and the loss are computed: ``"fused"`` (default; exact, logits
+            never materialized), ``"plain"`` (the model's own computation), or a mapping of
+            :class:`~lightning_memkit.config.CrossEntropyConfig` fields such as ``{"impl": "chunked"}``.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as in Lightning's ``DDPStrategy``; the
             Trainer fills most of them in.
@@ -68,6 +77,7 @@ class MemKitStrategy(DDPStrategy):
     def __init__(
         self,
         activations: Union[str, dict[str, Any], ActivationsConfig, None] = None,
+        cross_entropy: Union[str, dict[str, Any], CrossEntropyConfig, None] = "fused",
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -80,6 +90,7 @@ class MemKitStrategy(DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         self.activations = parse_activations(activations)
+        self.cross_entropy = parse_cross_entropy(cross_entropy)
         _check_ddp_kwargs(ddp_kwargs)
         super().__init__(
             accelerator=accelerator,
@@ -101,6 +112,10 @@ class MemKitStrategy(DDPStrategy):
             from lightning_memkit.activations.checkpoint import CheckpointTechnique
 
             techniques.append(CheckpointTechnique(self.activations))
+        if self.cross_entropy.fused:
+            from lightning_memkit.loss.technique import FusedCrossEntropyTechnique
+
+            techniques.append(FusedCrossEntropyTechnique(self.cross_entropy))
         return techniques
 
     # ----- one process: no process group, no DDP wrapper -----------------------------------------
@@ -206,11 +221,12 @@ def _check_ddp_kwargs(ddp_kwargs: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
+    accepted |= set(inspect.signature(DDPStrategy.__init__).parameters) - {"self", "kwargs"}  # e.g. ddp_comm_hook
     unknown = sorted(set(ddp_kwargs) - accepted)
     if unknown:
         raise MemKitConfigError(
             f"MemKitStrategy got unknown argument(s) {unknown}: they are neither memkit settings nor "
-            f"DistributedDataParallel arguments. Fix: use memkit's {sorted(MEMKIT_ARGUMENTS)} or DDP's "
+            f"DDPStrategy / DistributedDataParallel arguments. Fix: use memkit's {sorted(MEMKIT_ARGUMENTS)} or DDP's "
             f"{sorted(accepted)}."
         )
 

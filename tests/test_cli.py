@@ -75,7 +75,9 @@ def test_unknown_memkit_preset_lists_presets(tmp_path):
 
 def test_preset_name_on_the_command_line(tmp_path):
     cli = MemKitCLI(args=["--config", RECIPE, *fast_overrides(tmp_path), "--trainer.strategy=memkit"], run=False)
-    assert isinstance(cli.trainer.strategy, MemKitStrategy) and cli.trainer.strategy.techniques == []
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, MemKitStrategy)
+    assert strategy.cross_entropy.fused and strategy.activations.checkpoint == "none"
 
 
 def test_print_config(capsys):

@@ -29,7 +29,7 @@ def test_presets_are_registered_with_lightning():
         assert isinstance(strategy, MemKitStrategy)
         assert strategy.activations == lightning_memkit.config.parse_activations(init_params.get("activations"))
     assert StrategyRegistry.get("memkit_checkpoint").activations.checkpoint == "blocks"
-    assert StrategyRegistry.get("memkit").techniques == []
+    assert [t.name for t in StrategyRegistry.get("memkit").techniques] == ["fused_cross_entropy"]
 
 
 def test_register_is_idempotent():
@@ -74,7 +74,8 @@ def test_memkit_without_techniques_equals_plain_lightning(trainer_kwargs):
     pl.seed_everything(7)
     _, plain = _fit("auto", trainer_kwargs, max_steps=6)
     pl.seed_everything(7)
-    trainer, memkit = _fit("memkit", trainer_kwargs, max_steps=6)
+    trainer, memkit = _fit(MemKitStrategy(cross_entropy="plain"), trainer_kwargs, max_steps=6)
+    assert trainer.strategy.techniques == []
     assert not isinstance(trainer.strategy.model, DistributedDataParallel)
     assert trainer.strategy.launcher is None
     assert plain.losses == memkit.losses
@@ -159,7 +160,7 @@ class _ModuleWithScheduler(UserModule):
 
 
 def test_optimizer_and_step_points(trainer_kwargs):
-    strategy = MemKitStrategy()
+    strategy = MemKitStrategy(cross_entropy="plain")
     technique = _SwapOptimizer()
     strategy.techniques.append(technique)
     with warnings.catch_warnings():

@@ -1,0 +1,132 @@
+"""The ``cross_entropy="fused"`` toggle: how models pick up the fused loss without code changes.
+
+``MemKitStrategy`` activates a :class:`~lightning_memkit.config.CrossEntropyConfig` around every
+step (a context variable). Code that computes a causal-LM loss asks :func:`active_cross_entropy`:
+
+- :func:`causal_lm_loss` (used by ``CausalLMModule``; the one call an ordinary module needs) takes a
+  model with ``forward_hidden`` and ``lm_head`` (the reference model, ``HFCausalLM``) and computes
+  the loss from the hidden states and the head weight: no logits.
+- Hugging Face ``*ForCausalLM`` models called with ``labels=`` get their ``forward`` replaced for the
+  duration of the fit (:func:`patch_hf_causal_lm`): the loss comes from the fused function and the
+  output's ``logits`` is ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_memkit.config import CrossEntropyConfig
+from lightning_memkit.loss.api import linear_cross_entropy
+
+_ACTIVE: contextvars.ContextVar[Optional[CrossEntropyConfig]] = contextvars.ContextVar("memkit_cross_entropy", default=None)
+
+
+def active_cross_entropy() -> Optional[CrossEntropyConfig]:
+    """The fused cross-entropy settings in force for this step, or None (compute logits as usual)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def use_cross_entropy(config: Optional[CrossEntropyConfig]) -> Iterator[None]:
+    """Make ``config`` the active cross-entropy setting inside the block (None or unfused: off)."""
+    token = _ACTIVE.set(config if config is not None and config.fused else None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _fused_kwargs(config: CrossEntropyConfig) -> dict[str, Any]:
+    return {"impl": config.impl, "chunk_size": config.chunk_size, "filter_eps": config.filter_eps}
+
+
+def causal_lm_loss(
+    model: nn.Module, input_ids: Tensor, labels: Tensor, *, ignore_index: int = -100, shift: bool = False
+) -> Tensor:
+    """Mean cross-entropy of ``model`` on ``input_ids`` against ``labels`` (both (B, T)).
+
+    With the strategy's ``cross_entropy="fused"`` active, computed from ``model.forward_hidden`` and
+    ``model.lm_head`` by :func:`~lightning_memkit.loss.linear_cross_entropy` (no logits); otherwise
+    ``F.cross_entropy(model(input_ids).float(), labels)``. Both give the same value and gradients.
+    ``shift=True`` when ``labels`` are the inputs themselves (position i predicts labels[i + 1]).
+    """
+    config = active_cross_entropy()
+    if config is not None:
+        head = model.lm_head
+        return linear_cross_entropy(
+            model.forward_hidden(input_ids), head.weight, labels, bias=head.bias, ignore_index=ignore_index,
+            shift=shift, **_fused_kwargs(config),
+        )
+    logits = model(input_ids)
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
+
+
+def is_hf_causal_lm(module: nn.Module) -> bool:
+    """A Hugging Face decoder-only ``*ForCausalLM`` (``model`` + ``lm_head`` + ``config``)."""
+    return (
+        type(module).__name__.endswith("ForCausalLM")
+        and isinstance(getattr(module, "lm_head", None), nn.Linear)
+        and isinstance(getattr(module, "model", None), nn.Module)
+        and hasattr(module, "config")
+    )
+
+
+class _FusedHFForward:
+    """Replaces a HF ``*ForCausalLM.forward``: with labels and the toggle active, no logits."""
+
+    def __init__(self, module: nn.Module, original: Any) -> None:
+        self.module = module
+        self.original = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        config = active_cross_entropy()
+        labels = kwargs.get("labels")
+        if config is None or labels is None or args:
+            return self.original(*args, **kwargs)
+        kwargs = dict(kwargs)
+        labels = kwargs.pop("labels")
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("logits_to_keep", None)
+        return_dict = kwargs.pop("return_dict", True)
+        hf = self.module
+        outputs = hf.model(**kwargs)
+        hidden = outputs[0]  # (B, T, D)
+        softcap = getattr(hf.config, "final_logit_softcapping", None)
+        reduction = "sum" if num_items is not None else "mean"
+        loss = linear_cross_entropy(
+            hidden, hf.lm_head.weight, labels, bias=hf.lm_head.bias, shift=True, softcap=softcap,
+            reduction=reduction, **_fused_kwargs(config),
+        )
+        if num_items is not None:  # Hugging Face's convention under gradient accumulation
+            loss = loss / (num_items.to(loss.device) if isinstance(num_items, Tensor) else num_items)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        out = CausalLMOutputWithPast(
+            loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
+            hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
+        )
+        return out if return_dict else out.to_tuple()
+
+
+def patch_hf_causal_lm(module: nn.Module) -> bool:
+    """Route ``module.forward(labels=...)`` through the fused loss while the toggle is active."""
+    if isinstance(module.__dict__.get("forward"), _FusedHFForward):
+        return False
+    module.forward = _FusedHFForward(module, module.forward)
+    return True
+
+
+def unpatch_hf_causal_lm(module: nn.Module) -> None:
+    wrapper = module.__dict__.get("forward")
+    if isinstance(wrapper, _FusedHFForward):
+        del module.forward
+        if getattr(wrapper.original, "__self__", None) is not module:  # an instance-level forward was there
+            module.forward = wrapper.original
