@@ -80,7 +80,10 @@ def _accumulate_grads(
     if grads["hidden"] is not None:
         grads["hidden"][sl] = g_in @ weight
     if grads["weight"] is not None:
-        grads["weight"].add_(g_in.t() @ h)
+        if grads["weight"].dtype == g_in.dtype:  # fp32 head: accumulate in place, no (V, D) temporary
+            grads["weight"].addmm_(g_in.t(), h)
+        else:
+            grads["weight"].add_(g_in.t() @ h)
     if grads["bias"] is not None:
         grads["bias"].add_(g.sum(0))
 
