@@ -105,6 +105,7 @@ def _lce_forward_kernel(
 @triton.jit
 def _lce_backward_kernel(
     H, W, B, T, LSE, G, DH, DW, DB, N, V, D, stride_hn, stride_wv, softcap, smoothing, z_loss, filter_eps,
+    V0, V_TOTAL,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -121,7 +122,7 @@ def _lce_backward_kernel(
     w_tok = tl.load(G + n_offs, mask=n_mask, other=0.0)  # incoming gradient per token, 0 where ignored
     t = tl.load(T + n_offs, mask=n_mask, other=-1)
     g = tl.exp(z - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
-    g = g - (1.0 - smoothing) * (v_offs[None, :] == t[:, None]).to(tl.float32) - smoothing / V
+    g = g - (1.0 - smoothing) * ((v_offs[None, :] + V0) == t[:, None]).to(tl.float32) - smoothing / V_TOTAL
     g = g * w_tok[:, None]
     if SOFTCAP:
         zc = z / softcap
@@ -181,30 +182,46 @@ def lce_forward(
     return lse, zt, (zsum if want_sum else None)
 
 
+def _slab_rows(d: int) -> int:
+    """Vocabulary rows per backward launch: an fp32 (rows, D) dW accumulator of about 64 MiB."""
+    return max(64, (16 * 2**20) // d)
+
+
 def lce_backward(
     h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t: torch.Tensor, lse: torch.Tensor,
     grad: torch.Tensor, *, softcap: Optional[float], smoothing: float, z_loss: float, filter_eps: Optional[float],
     need: tuple[bool, bool, bool],
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients (dh, dW, db) of ``sum(grad * loss)``; ``grad`` is fp32 (N,), 0 for ignored tokens."""
+    """Gradients (dh, dW, db) of ``sum(grad * loss)``; ``grad`` is fp32 (N,), 0 for ignored tokens.
+
+    The vocabulary is processed in slabs (one launch each): dW's fp32 accumulator holds one slab and
+    is cast into dW before the next, so no fp32 copy of the whole head exists; dh accumulates in an
+    fp32 (N, D) buffer across slabs.
+    """
     n, d = h.shape
     v = w.shape[0]
     dh = torch.zeros((n, d), dtype=torch.float32, device=h.device) if need[0] else None
-    dw = torch.zeros((v, d), dtype=torch.float32, device=h.device) if need[1] else None
+    dw = torch.empty_like(w) if need[1] else None
     db = torch.zeros((v,), dtype=torch.float32, device=h.device) if (need[2] and b is not None) else None
-    bn, bv, bd = _blocks(n, v, d)
-    dummy = lse
-    _lce_backward_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
-        h, w, b if b is not None else h, t, lse, grad, dh if dh is not None else dummy,
-        dw if dw is not None else dummy, db if db is not None else dummy, n, v, d, h.stride(0), w.stride(0),
-        float(softcap or 1.0), float(smoothing), float(z_loss), float(filter_eps or 0.0),
-        HAS_BIAS=b is not None, SOFTCAP=softcap is not None, NEED_DH=dh is not None, NEED_DW=dw is not None,
-        NEED_DB=db is not None, FILTER=filter_eps is not None,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, IEEE=h.dtype == torch.float32, UPCAST=_INTERPRET,
-    )
+    rows = _slab_rows(d)
+    for v0 in range(0, v, rows):
+        v1 = min(v, v0 + rows)
+        dw_acc = torch.zeros((v1 - v0, d), dtype=torch.float32, device=h.device) if dw is not None else None
+        bn, bv, bd = _blocks(n, v1 - v0, d)
+        _lce_backward_kernel[(triton.cdiv(n, bn), triton.cdiv(v1 - v0, bv))](
+            h, w[v0:v1], b[v0:v1] if b is not None else h, t, lse, grad,
+            dh if dh is not None else lse, dw_acc if dw_acc is not None else lse,
+            db[v0:v1] if db is not None else lse, n, v1 - v0, d, h.stride(0), w.stride(0),
+            float(softcap or 1.0), float(smoothing), float(z_loss), float(filter_eps or 0.0), v0, v,
+            HAS_BIAS=b is not None, SOFTCAP=softcap is not None, NEED_DH=dh is not None, NEED_DW=dw is not None,
+            NEED_DB=db is not None, FILTER=filter_eps is not None,
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, IEEE=h.dtype == torch.float32, UPCAST=_INTERPRET,
+        )
+        if dw is not None:
+            dw[v0:v1] = dw_acc.to(w.dtype)
     return (
         dh.to(h.dtype) if dh is not None else None,
-        dw.to(w.dtype) if dw is not None else None,
+        dw,
         db.to(b.dtype) if db is not None else None,
     )
 

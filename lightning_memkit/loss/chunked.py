@@ -1,15 +1,16 @@
 """Chunked linear cross-entropy in pure PyTorch (``impl="chunked"``): runs everywhere, CPU included.
 
 Tokens are processed ``chunk_size`` at a time, so neither the logits nor their gradient exist for
-more than one chunk: extra memory is O(chunk_size x V) plus an fp32 accumulator for the head's
-gradient when the head is not fp32.
+more than one chunk: extra memory is O(chunk_size x V).
 
 - ``reduction="mean"``/``"sum"`` with gradients needed: the gradients are computed in the forward
   pass, chunk by chunk (the loss is a scalar, so its gradient is known up to the scalar that
-  arrives in the backward, which only scales them). Three matrix products in all, like the
-  materialized computation.
+  arrives in the backward, which only scales them). Three matrix products in all for an fp32 head,
+  like the materialized computation.
 - ``reduction="none"``: the forward keeps each token's log-sum-exp; the backward recomputes each
-  chunk's logits and applies the incoming per-token gradient. Four matrix products.
+  chunk's logits and applies the incoming per-token gradient.
+- A low-precision (bf16/fp16) head's gradient is summed one vocabulary slab at a time in fp32 and
+  rounded once, so no fp32 copy of the whole head exists (one more logits product).
 
 Math per token (logits z, after the optional softcap z = c·tanh(x/c); p = softmax(z); ε the label
 smoothing; ζ the z-loss weight):
@@ -73,33 +74,93 @@ def _chunk_grad_logits(z: Tensor, lse: Tensor, t: Tensor, w: Tensor, opts: LossO
     return g
 
 
-def _accumulate_grads(
-    g: Tensor, h: Tensor, weight: Tensor, sl: slice, grads: dict[str, Optional[Tensor]]
-) -> None:
-    g_in = g.to(h.dtype)  # as autograd casts the logits' gradient back to the head's dtype
-    if grads["hidden"] is not None:
-        grads["hidden"][sl] = g_in @ weight
-    if grads["weight"] is not None:
-        if grads["weight"].dtype == g_in.dtype:  # fp32 head: accumulate in place, no (V, D) temporary
-            grads["weight"].addmm_(g_in.t(), h)
-        else:
-            grads["weight"].add_(g_in.t() @ h)
-    if grads["bias"] is not None:
-        grads["bias"].add_(g.sum(0))
+def _slab_rows(d: int) -> int:
+    """Vocabulary rows per slab of the head-gradient pass: an fp32 (rows, D) accumulator of ~16 MiB."""
+    return max(16, (4 * 2**20) // d)
 
 
-def _new_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need: tuple[bool, bool, bool]) -> dict:
-    return {
-        "hidden": torch.empty_like(hidden) if need[0] else None,
-        "weight": torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None,
-        "bias": torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (bias is not None and need[2]) else None,
-    }
+def _token_pass(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, valid: Tensor, opts: LossOptions,
+    chunk_size: int, need: tuple[bool, bool, bool], w_all: Optional[Tensor] = None, lse_in: Optional[Tensor] = None,
+) -> tuple[Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """One pass over token chunks.
+
+    Returns (per-token losses or None when ``lse_in`` is given, per-token lse, dh, dW, db). The
+    gradients are those of ``sum(w_all * loss)``; dW is produced here only for an fp32 head (in place,
+    no temporary); for a low-precision head see :func:`_weight_grad_by_slabs`.
+    """
+    n = hidden.shape[0]
+    losses = None if lse_in is not None else torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse_all = lse_in if lse_in is not None else torch.empty(n, dtype=torch.float32, device=hidden.device)
+    dh = torch.empty_like(hidden) if need[0] else None
+    dw = torch.zeros_like(weight) if need[1] and weight.dtype == torch.float32 else None
+    db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (need[2] and bias is not None) else None
+    for start in range(0, n, chunk_size):
+        sl = slice(start, min(n, start + chunk_size))
+        z = _chunk_logits(hidden[sl], weight, bias, opts)
+        if lse_in is None:
+            losses[sl], lse_all[sl] = _chunk_loss(z, targets[sl], valid[sl], opts)
+        if dh is None and dw is None and db is None:
+            continue
+        g = _chunk_grad_logits(z, lse_all[sl], targets[sl], w_all[sl], opts)
+        del z
+        g_in = g.to(hidden.dtype)  # as autograd casts the logits' gradient back to the head's dtype
+        if dh is not None:
+            dh[sl] = g_in @ weight
+        if dw is not None:
+            dw.addmm_(g_in.t(), hidden[sl])
+        if db is not None:
+            db.add_(g.sum(0))
+    return losses, lse_all, dh, dw, (db.to(bias.dtype) if db is not None else None)
 
 
-def _finish(grads: dict, weight: Tensor, bias: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-    dw = grads["weight"].to(weight.dtype) if grads["weight"] is not None else None
-    db = grads["bias"].to(bias.dtype) if grads["bias"] is not None else None
-    return grads["hidden"], dw, db
+def _weight_grad_by_slabs(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, w_all: Tensor,
+    opts: LossOptions, chunk_size: int,
+) -> Tensor:
+    """dW for a low-precision head, one vocabulary slab at a time.
+
+    Each slab's gradient is summed over all tokens in an fp32 accumulator of the slab's size only and
+    rounded once to the head's dtype (as one big matmul would), so no (V, D) fp32 buffer exists.
+    Costs one more logits product than the token pass.
+    """
+    v, d = weight.shape
+    dw = torch.empty_like(weight)
+    rows = _slab_rows(d)
+    for v0 in range(0, v, rows):
+        v1 = min(v, v0 + rows)
+        acc = torch.zeros((v1 - v0, d), dtype=torch.float32, device=weight.device)
+        w_slab = weight[v0:v1]
+        b_slab = bias[v0:v1] if bias is not None else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            sl = slice(start, min(hidden.shape[0], start + chunk_size))
+            z = _chunk_logits(hidden[sl], w_slab, b_slab, opts)  # (n, slab)
+            g = torch.exp(z - lse[sl].unsqueeze(1))
+            if opts.z_loss:
+                g.mul_((1.0 + 2.0 * opts.z_loss * lse[sl]).unsqueeze(1))
+            t = targets[sl] - v0
+            in_slab = (t >= 0) & (t < v1 - v0)
+            rows_idx = torch.nonzero(in_slab).squeeze(1)
+            g[rows_idx, t[rows_idx]] -= 1.0 - opts.label_smoothing
+            if opts.label_smoothing:
+                g.sub_(opts.label_smoothing / v)
+            g.mul_(w_all[sl].unsqueeze(1))
+            if opts.softcap is not None:
+                g.mul_(1.0 - (z / opts.softcap).square())
+            acc.addmm_(g.to(hidden.dtype).float().t(), hidden[sl].float())
+        dw[v0:v1] = acc.to(weight.dtype)
+    return dw
+
+
+def _grads(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, valid: Tensor, opts: LossOptions,
+    chunk_size: int, need: tuple[bool, bool, bool], w_all: Tensor, lse_in: Optional[Tensor] = None,
+) -> tuple[Optional[Tensor], Tensor, tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
+    """(losses, lse, (dh, dW, db)) of ``sum(w_all * loss)``."""
+    losses, lse, dh, dw, db = _token_pass(hidden, weight, bias, targets, valid, opts, chunk_size, need, w_all, lse_in)
+    if need[1] and dw is None:
+        dw = _weight_grad_by_slabs(hidden, weight, bias, targets, lse, w_all, opts, chunk_size)
+    return losses, lse, (dh, dw, db)
 
 
 class _ReducedLoss(torch.autograd.Function):
@@ -107,26 +168,16 @@ class _ReducedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, valid, opts, reduction, chunk_size, need):  # noqa: ANN001
-        n = hidden.shape[0]
         n_valid = valid.sum()
-        grads = _new_grads(hidden, weight, bias, need) if any(need) else None
         if reduction == "mean":
             w_all = torch.where(valid, 1.0 / n_valid.clamp(min=1).float(), 0.0)
         else:
             w_all = valid.float()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            sl = slice(start, min(n, start + chunk_size))
-            z = _chunk_logits(hidden[sl], weight, bias, opts)
-            loss, lse = _chunk_loss(z, targets[sl], valid[sl], opts)
-            total = total + loss.sum()
-            if grads is not None:
-                g = _chunk_grad_logits(z, lse, targets[sl], w_all[sl], opts)
-                _accumulate_grads(g, hidden[sl], weight, sl, grads)
-            del z
+        losses, _, grads = _grads(hidden, weight, bias, targets, valid, opts, chunk_size, need, w_all)
+        total = losses.sum()
         if reduction == "mean":
             total = total / n_valid  # 0/0 = nan when every token is ignored, as F.cross_entropy
-        ctx.grads = _finish(grads, weight, bias) if grads is not None else (None, None, None)
+        ctx.grads = grads
         return total
 
     @staticmethod
@@ -141,29 +192,18 @@ class _PerTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, valid, opts, chunk_size):  # noqa: ANN001
-        n = hidden.shape[0]
-        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_size):
-            sl = slice(start, min(n, start + chunk_size))
-            losses[sl], lses[sl] = _chunk_loss(_chunk_logits(hidden[sl], weight, bias, opts), targets[sl], valid[sl], opts)
-        ctx.save_for_backward(hidden, weight, bias, targets, valid, lses)
+        losses, lse, _ = _grads(hidden, weight, bias, targets, valid, opts, chunk_size, (False, False, False), None)
+        ctx.save_for_backward(hidden, weight, bias, targets, valid, lse)
         ctx.opts, ctx.chunk_size = opts, chunk_size
         return losses
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        hidden, weight, bias, targets, valid, lses = ctx.saved_tensors
-        need = ctx.needs_input_grad[:3]
-        grads = _new_grads(hidden, weight, bias, need)
+        hidden, weight, bias, targets, valid, lse = ctx.saved_tensors
         w_all = torch.where(valid, grad_out.float(), 0.0)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            sl = slice(start, min(hidden.shape[0], start + ctx.chunk_size))
-            z = _chunk_logits(hidden[sl], weight, bias, ctx.opts)
-            g = _chunk_grad_logits(z, lses[sl], targets[sl], w_all[sl], ctx.opts)
-            _accumulate_grads(g, hidden[sl], weight, sl, grads)
-        dh, dw, db = _finish(grads, weight, bias)
-        return dh, dw, db, None, None, None, None
+        _, _, grads = _grads(hidden, weight, bias, targets, valid, ctx.opts, ctx.chunk_size,
+                             tuple(ctx.needs_input_grad[:3]), w_all, lse_in=lse)
+        return (*grads, None, None, None, None)
 
 
 def chunked_linear_cross_entropy(

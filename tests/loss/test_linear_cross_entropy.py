@@ -94,6 +94,23 @@ def test_triton_matches_reference(dtype, reduction, options):
 
 
 @pytest.mark.skipif(not triton_available, reason="triton is not installed")
+def test_triton_several_vocabulary_slabs(monkeypatch):
+    import lightning_memkit.kernels.linear_cross_entropy as kernels
+
+    monkeypatch.setattr(kernels, "_slab_rows", lambda d: 32)  # V=83: three launches, the last partial
+    _check_against_reference("triton", torch.bfloat16, "none", OPTIONS["all"])
+    _check_against_reference("triton", torch.float32, "mean", OPTIONS["all"])
+
+
+def test_chunked_low_precision_head_by_slabs(monkeypatch):
+    import lightning_memkit.loss.chunked as chunked
+
+    monkeypatch.setattr(chunked, "_slab_rows", lambda d: 16)  # V=83: six slabs
+    for reduction in ("mean", "none"):
+        _check_against_reference("chunked", torch.bfloat16, reduction, OPTIONS["all"], chunk_size=8)
+
+
+@pytest.mark.skipif(not triton_available, reason="triton is not installed")
 def test_triton_sum_smoothing_softcap_each():
     for options in (OPTIONS["smoothing"], OPTIONS["softcap"], OPTIONS["z_loss"], OPTIONS["bias"]):
         _check_against_reference("triton", torch.float32, "sum", options)
