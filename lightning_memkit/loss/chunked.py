@@ -127,21 +127,21 @@ def _weight_grad_by_slabs(
     v, d = weight.shape
     dw = torch.empty_like(weight)
     rows = _slab_rows(d)
+    tokens = max(chunk_size, (8 * 2**20) // rows)  # a slab is narrower than V: take more tokens at once
     for v0 in range(0, v, rows):
         v1 = min(v, v0 + rows)
         acc = torch.zeros((v1 - v0, d), dtype=torch.float32, device=weight.device)
         w_slab = weight[v0:v1]
         b_slab = bias[v0:v1] if bias is not None else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            sl = slice(start, min(hidden.shape[0], start + chunk_size))
+        for start in range(0, hidden.shape[0], tokens):
+            sl = slice(start, min(hidden.shape[0], start + tokens))
             z = _chunk_logits(hidden[sl], w_slab, b_slab, opts)  # (n, slab)
             g = torch.exp(z - lse[sl].unsqueeze(1))
             if opts.z_loss:
                 g.mul_((1.0 + 2.0 * opts.z_loss * lse[sl]).unsqueeze(1))
             t = targets[sl] - v0
-            in_slab = (t >= 0) & (t < v1 - v0)
-            rows_idx = torch.nonzero(in_slab).squeeze(1)
-            g[rows_idx, t[rows_idx]] -= 1.0 - opts.label_smoothing
+            hit = torch.where((t >= 0) & (t < v1 - v0), -(1.0 - opts.label_smoothing), 0.0)  # target in this slab
+            g.scatter_add_(1, t.clamp(0, v1 - v0 - 1).unsqueeze(1), hit.unsqueeze(1))
             if opts.label_smoothing:
                 g.sub_(opts.label_smoothing / v)
             g.mul_(w_all[sl].unsqueeze(1))
@@ -182,7 +182,8 @@ class _ReducedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        dh, dw, db = (None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads)
+        # in place: the gradients are ours and not yet handed out, so no second copy of dW exists
+        dh, dw, db = (None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
         return dh, dw, db, None, None, None, None, None, None
 

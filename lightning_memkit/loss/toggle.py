@@ -88,9 +88,12 @@ class _FusedHFForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         config = active_cross_entropy()
-        labels = kwargs.get("labels")
-        if config is None or labels is None or args:
+        if config is None:
             return self.original(*args, **kwargs)
+        if args:  # name the positional arguments (input_ids, attention_mask, ...) by the signature
+            kwargs = _as_keywords(self.original, args, kwargs)
+        if kwargs.get("labels") is None:
+            return self.original(**kwargs)
         kwargs = dict(kwargs)
         labels = kwargs.pop("labels")
         num_items = kwargs.pop("num_items_in_batch", None)
@@ -114,6 +117,19 @@ class _FusedHFForward:
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
         )
         return out if return_dict else out.to_tuple()
+
+
+def _as_keywords(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    import inspect
+
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
 
 
 def patch_hf_causal_lm(module: nn.Module) -> bool:

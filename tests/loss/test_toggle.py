@@ -108,6 +108,10 @@ def test_hf_model_with_labels_fused_equals_hf_loss():
     for name, grad in hf_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     assert hf_largest >= 3 * 20 * 97 and fused_largest <= 8 * 97
+    with use_cross_entropy(CrossEntropyConfig(chunk_size=8)):
+        positional = module.lm(ids, None, labels=ids)  # input_ids, attention_mask given by position
+        assert positional.logits is None
+        torch.testing.assert_close(positional.loss, hf_loss, rtol=1e-6, atol=1e-6)
     assert module.lm(input_ids=ids).logits.shape == (3, 20, 97)  # without labels: logits as usual
     unpatch_hf_causal_lm(module.lm)
     assert "forward" not in module.lm.__dict__
