@@ -111,7 +111,7 @@ def linear_cross_entropy(
         shift: drop the last position of ``hidden`` and the first of ``targets`` (causal LM labels).
         impl: ``"triton"`` (fused GPU kernels), ``"chunked"`` (PyTorch, any device), ``"torch"`` (the
             materialized reference), or ``"auto"``: Triton on CUDA, chunked elsewhere.
-        chunk_size: tokens per chunk for ``"chunked"``; default: about 32 MiB of fp32 logits.
+        chunk_size: tokens per chunk for ``"chunked"``; default: about 64 MiB of fp32 logits.
         filter_eps: ``"triton"`` only: drop gradient entries (of the logits) smaller than this and skip
             blocks where all are dropped (Cut Cross-Entropy's gradient filtering; approximate). None
             (default) keeps the gradient exact. ``2**-12`` is below bf16's resolution of the gradient.

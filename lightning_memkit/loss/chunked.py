@@ -37,8 +37,8 @@ class LossOptions:
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so that one chunk's fp32 logits take about 32 MiB (at least 16 tokens)."""
-    return max(16, (8 * 2**20) // vocab_size)
+    """Tokens per chunk so that one chunk's fp32 logits take about 64 MiB (at least 16 tokens)."""
+    return max(16, (16 * 2**20) // vocab_size)
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], opts: LossOptions) -> Tensor:
@@ -46,32 +46,6 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], opts: LossO
     if opts.softcap is not None:
         z = opts.softcap * torch.tanh(z / opts.softcap)
     return z
-
-
-def _chunk_loss(z: Tensor, t: Tensor, valid: Tensor, opts: LossOptions) -> tuple[Tensor, Tensor]:
-    """Per-token loss (0 where ignored) and log-sum-exp of one chunk's logits z (n, V)."""
-    lse = torch.logsumexp(z, dim=-1)
-    zt = z.gather(1, t.unsqueeze(1)).squeeze(1)
-    loss = lse - (1.0 - opts.label_smoothing) * zt
-    if opts.label_smoothing:
-        loss = loss - (opts.label_smoothing / z.shape[-1]) * z.sum(-1)
-    if opts.z_loss:
-        loss = loss + opts.z_loss * lse.square()
-    return torch.where(valid, loss, 0.0), lse
-
-
-def _chunk_grad_logits(z: Tensor, lse: Tensor, t: Tensor, w: Tensor, opts: LossOptions) -> Tensor:
-    """∂(Σ w_i loss_i)/∂x for one chunk, in fp32 (n, V); x are the logits before the softcap."""
-    g = torch.exp(z - lse.unsqueeze(1))  # softmax
-    if opts.z_loss:
-        g.mul_((1.0 + 2.0 * opts.z_loss * lse).unsqueeze(1))
-    g.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -(1.0 - opts.label_smoothing)).unsqueeze(1))
-    if opts.label_smoothing:
-        g.sub_(opts.label_smoothing / z.shape[-1])
-    g.mul_(w.unsqueeze(1))
-    if opts.softcap is not None:
-        g.mul_(1.0 - (z / opts.softcap).square())
-    return g
 
 
 def _slab_rows(d: int) -> int:
@@ -87,7 +61,9 @@ def _token_pass(
 
     Returns (per-token losses or None when ``lse_in`` is given, per-token lse, dh, dW, db). The
     gradients are those of ``sum(w_all * loss)``; dW is produced here only for an fp32 head (in place,
-    no temporary); for a low-precision head see :func:`_weight_grad_by_slabs`.
+    no temporary); for a low-precision head see :func:`_weight_grad_by_slabs`. Each chunk's logits
+    live in one (n, V) fp32 buffer that becomes the softmax and then the gradient in place (a second
+    one only under softcapping, whose derivative needs the logits).
     """
     n = hidden.shape[0]
     losses = None if lse_in is not None else torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -95,15 +71,35 @@ def _token_pass(
     dh = torch.empty_like(hidden) if need[0] else None
     dw = torch.zeros_like(weight) if need[1] and weight.dtype == torch.float32 else None
     db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if (need[2] and bias is not None) else None
+    want_grads = dh is not None or dw is not None or db is not None
     for start in range(0, n, chunk_size):
         sl = slice(start, min(n, start + chunk_size))
-        z = _chunk_logits(hidden[sl], weight, bias, opts)
+        t = targets[sl]
+        z = _chunk_logits(hidden[sl], weight, bias, opts)  # (n, V) fp32
+        capped = z.clone() if (want_grads and opts.softcap is not None) else None
         if lse_in is None:
-            losses[sl], lse_all[sl] = _chunk_loss(z, targets[sl], valid[sl], opts)
-        if dh is None and dw is None and db is None:
-            continue
-        g = _chunk_grad_logits(z, lse_all[sl], targets[sl], w_all[sl], opts)
-        del z
+            zt = z.gather(1, t.unsqueeze(1)).squeeze(1)
+            zsum = z.sum(-1) if opts.label_smoothing else None
+            m = z.amax(dim=1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, 0.0)
+            p = z.sub_(m).exp_()  # exp(z - max), in place
+            s = p.sum(1)
+            lse = m.squeeze(1) + s.log()
+            loss = lse - (1.0 - opts.label_smoothing) * zt
+            if zsum is not None:
+                loss = loss - (opts.label_smoothing / z.shape[-1]) * zsum
+            if opts.z_loss:
+                loss = loss + opts.z_loss * lse.square()
+            losses[sl] = torch.where(valid[sl], loss, 0.0)
+            lse_all[sl] = lse
+            if not want_grads:
+                continue
+            p.div_(s.unsqueeze(1))  # softmax, in place
+        else:
+            if not want_grads:
+                continue
+            p = z.sub_(lse_all[sl].unsqueeze(1)).exp_()  # softmax from the saved lse, in place
+        g = _softmax_to_grad(p, lse_all[sl], t, w_all[sl], opts, capped)
         g_in = g.to(hidden.dtype)  # as autograd casts the logits' gradient back to the head's dtype
         if dh is not None:
             dh[sl] = g_in @ weight
@@ -111,7 +107,23 @@ def _token_pass(
             dw.addmm_(g_in.t(), hidden[sl])
         if db is not None:
             db.add_(g.sum(0))
+        del z, p, g, g_in
     return losses, lse_all, dh, dw, (db.to(bias.dtype) if db is not None else None)
+
+
+def _softmax_to_grad(
+    p: Tensor, lse: Tensor, t: Tensor, w: Tensor, opts: LossOptions, capped: Optional[Tensor]
+) -> Tensor:
+    """Turn the softmax ``p`` (n, V) into ∂(Σ w_i loss_i)/∂x in place; ``capped``: the softcapped logits."""
+    if opts.z_loss:
+        p.mul_((1.0 + 2.0 * opts.z_loss * lse).unsqueeze(1))
+    p.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -(1.0 - opts.label_smoothing)).unsqueeze(1))
+    if opts.label_smoothing:
+        p.sub_(opts.label_smoothing / p.shape[-1])
+    p.mul_(w.unsqueeze(1))
+    if capped is not None:
+        p.mul_(1.0 - (capped / opts.softcap).square())
+    return p
 
 
 def _weight_grad_by_slabs(
@@ -136,7 +148,8 @@ def _weight_grad_by_slabs(
         for start in range(0, hidden.shape[0], tokens):
             sl = slice(start, min(hidden.shape[0], start + tokens))
             z = _chunk_logits(hidden[sl], w_slab, b_slab, opts)  # (n, slab)
-            g = torch.exp(z - lse[sl].unsqueeze(1))
+            capped = z.clone() if opts.softcap is not None else None
+            g = z.sub_(lse[sl].unsqueeze(1)).exp_()  # this slab's softmax columns, in place
             if opts.z_loss:
                 g.mul_((1.0 + 2.0 * opts.z_loss * lse[sl]).unsqueeze(1))
             t = targets[sl] - v0
@@ -145,8 +158,8 @@ def _weight_grad_by_slabs(
             if opts.label_smoothing:
                 g.sub_(opts.label_smoothing / v)
             g.mul_(w_all[sl].unsqueeze(1))
-            if opts.softcap is not None:
-                g.mul_(1.0 - (z / opts.softcap).square())
+            if capped is not None:
+                g.mul_(1.0 - (capped / opts.softcap).square())
             acc.addmm_(g.to(hidden.dtype).float().t(), hidden[sl].float())
         dw[v0:v1] = acc.to(weight.dtype)
     return dw
