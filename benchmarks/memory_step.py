@@ -22,6 +22,8 @@ TECHNIQUES: dict[str, dict] = {
     "baseline (AdamW, full activations)": {},
     "activation checkpointing (every block)": {"checkpoint_every": 1},
     "activation checkpointing (every 2nd block)": {"checkpoint_every": 2},
+    "fused cross-entropy (chunked)": {"fused_cross_entropy": True},
+    "checkpointing + fused cross-entropy": {"checkpoint_every": 1, "fused_cross_entropy": True},
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -254,6 +254,7 @@ def fake_training_step(
     batch_size: int = 1,
     dtype: torch.dtype = torch.bfloat16,
     checkpoint_every: Optional[int] = None,
+    fused_cross_entropy: bool = False,
     warmup_steps: int = 1,
 ) -> MemoryBreakdown:
     """Peak memory of one training step of a full-size reference model, measured on fake tensors.
@@ -269,6 +270,7 @@ def fake_training_step(
         seq_len, batch_size: tokens per sequence and sequences per micro-batch.
         dtype: parameter (and activation) dtype; optimizer state follows the parameters.
         checkpoint_every: None for no activation checkpointing, else checkpoint every k-th block.
+        fused_cross_entropy: compute the loss with the chunked fused linear cross-entropy (no logits).
         warmup_steps: unmeasured steps before the measured one.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -290,8 +292,14 @@ def fake_training_step(
         ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
 
         def step() -> None:
-            logits = net(ids[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            if fused_cross_entropy:
+                from lightning_memkit.loss import linear_cross_entropy
+
+                hidden = net.forward_hidden(ids[:, :-1])
+                loss = linear_cross_entropy(hidden, net.lm_head.weight, ids[:, 1:], impl="chunked")
+            else:
+                logits = net(ids[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
