@@ -49,6 +49,23 @@ def check_int(key: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+def _parse_setting(key: str, value: Any, cls: type, shorthands: Mapping[str, Mapping[str, Any]]) -> Any:
+    """A family's setting -> its dataclass: None (defaults), a shorthand, a mapping, or the dataclass."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        check_choice(key, value, tuple(shorthands))
+        return cls(**shorthands[value])
+    if isinstance(value, Mapping):
+        return _from_mapping(cls, key, value)
+    raise MemKitConfigError(
+        f"{key}={value!r} has type {type(value).__name__}. Fix: pass a string ({_fmt_allowed(shorthands)}), "
+        f"a mapping of {_fmt_allowed(f.name for f in dataclasses.fields(cls))}, or a {cls.__name__}."
+    )
+
+
 def _from_mapping(cls: type, key: str, mapping: Mapping[str, Any]) -> Any:
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in mapping if k not in fields]
@@ -111,20 +128,7 @@ def parse_activations(value: ActivationsSetting) -> ActivationsConfig:
     Raises:
         MemKitConfigError: unknown shorthand, unknown key, bad value or wrong type.
     """
-    if value is None:
-        return ActivationsConfig()
-    if isinstance(value, ActivationsConfig):
-        return value
-    if isinstance(value, str):
-        check_choice("activations", value, tuple(ACTIVATIONS_SHORTHANDS))
-        return ActivationsConfig(**ACTIVATIONS_SHORTHANDS[value])
-    if isinstance(value, Mapping):
-        return _from_mapping(ActivationsConfig, "activations", value)
-    raise MemKitConfigError(
-        f"activations={value!r} has type {type(value).__name__}. Fix: pass a string "
-        f"({_fmt_allowed(ACTIVATIONS_SHORTHANDS)}), a mapping of {_fmt_allowed(f.name for f in dataclasses.fields(ActivationsConfig))}, "
-        "or an ActivationsConfig."
-    )
+    return _parse_setting("activations", value, ActivationsConfig, ACTIVATIONS_SHORTHANDS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,16 +195,4 @@ def parse_cross_entropy(value: CrossEntropySetting) -> CrossEntropyConfig:
     Raises:
         MemKitConfigError: unknown shorthand, unknown key, bad value or wrong type.
     """
-    if value is None:
-        return CrossEntropyConfig()
-    if isinstance(value, CrossEntropyConfig):
-        return value
-    if isinstance(value, str):
-        check_choice("cross_entropy", value, tuple(CROSS_ENTROPY_SHORTHANDS))
-        return CrossEntropyConfig(**CROSS_ENTROPY_SHORTHANDS[value])
-    if isinstance(value, Mapping):
-        return _from_mapping(CrossEntropyConfig, "cross_entropy", value)
-    raise MemKitConfigError(
-        f"cross_entropy={value!r} has type {type(value).__name__}. Fix: pass 'fused', 'plain', a mapping of "
-        f"{_fmt_allowed(f.name for f in dataclasses.fields(CrossEntropyConfig))}, or a CrossEntropyConfig."
-    )
+    return _parse_setting("cross_entropy", value, CrossEntropyConfig, CROSS_ENTROPY_SHORTHANDS)
