@@ -77,7 +77,7 @@ def _lce_forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_offs = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: N*D may pass 2**31
     n_mask = n_offs < N
     t = tl.load(T + n_offs, mask=n_mask, other=0)
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -85,7 +85,7 @@ def _lce_forward_kernel(
     zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        v_offs = v0 + tl.arange(0, BLOCK_V)
+        v_offs = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = v_offs < V
         z = _logit_block(H, W, B, n_offs, v_offs, N, V, D, stride_hn, stride_wv, HAS_BIAS, SOFTCAP, softcap,
                          BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST)
@@ -112,8 +112,8 @@ def _lce_backward_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    v_offs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    n_offs = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: N*D and V*D may pass 2**31
+    v_offs = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     n_mask = n_offs < N
     v_mask = v_offs < V
     z = _logit_block(H, W, B, n_offs, v_offs, N, V, D, stride_hn, stride_wv, HAS_BIAS, SOFTCAP, softcap,

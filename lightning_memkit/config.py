@@ -152,7 +152,7 @@ class CrossEntropyConfig:
         fused: compute the head and the loss together without materializing the logits (exact).
             ``False`` leaves the model's own loss computation alone.
         impl: one of :data:`CROSS_ENTROPY_IMPLS`; ``"auto"``: Triton on CUDA, chunked PyTorch elsewhere.
-        chunk_size: tokens per chunk of the chunked implementation (None: about 32 MiB of logits).
+        chunk_size: tokens per chunk of the chunked implementation (None: about 64 MiB of fp32 logits).
         filter_eps: Triton only: drop logit-gradient entries below this (approximate; None: exact).
     """
 
@@ -175,7 +175,7 @@ class CrossEntropyConfig:
                     f"cross_entropy.filter_eps={self.filter_eps!r} must be a number > 0. Fix: use e.g. 0.000244 "
                     "(2**-12), or null for exact gradients."
                 )
-            if self.impl not in ("triton", "auto"):
+            if self.impl not in ("triton", "auto"):  # with "auto" it applies where Triton runs (CUDA)
                 raise MemKitConfigError(
                     f"cross_entropy.filter_eps is a Triton-only option but impl={self.impl!r}. "
                     "Fix: set cross_entropy.impl to 'triton' or drop filter_eps."

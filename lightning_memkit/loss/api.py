@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -62,10 +63,11 @@ def _is_symbolic(t: Tensor) -> bool:
     return t.device.type == "meta" or is_fake(t)
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"triton"`` on CUDA, ``"chunked"`` elsewhere; other names unchanged."""
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """``"auto"`` -> ``"triton"`` on CUDA (fp32/bf16/fp16), ``"chunked"`` otherwise; other names unchanged."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "chunked"
+        triton_ok = device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return "triton" if triton_ok else "chunked"
     return impl
 
 
@@ -112,7 +114,7 @@ def linear_cross_entropy(
         impl: ``"triton"`` (fused GPU kernels), ``"chunked"`` (PyTorch, any device), ``"torch"`` (the
             materialized reference), or ``"auto"``: Triton on CUDA, chunked elsewhere.
         chunk_size: tokens per chunk for ``"chunked"``; default: about 64 MiB of fp32 logits.
-        filter_eps: ``"triton"`` only: drop gradient entries (of the logits) smaller than this and skip
+        filter_eps: ``"triton"`` (or ``"auto"`` where it picks Triton) only: drop gradient entries (of the logits) smaller than this and skip
             blocks where all are dropped (Cut Cross-Entropy's gradient filtering; approximate). None
             (default) keeps the gradient exact. ``2**-12`` is below bf16's resolution of the gradient.
 
@@ -124,13 +126,25 @@ def linear_cross_entropy(
             target outside ``[0, V)`` that is not ``ignore_index``.
     """
     _check(hidden, weight, targets, bias, reduction, impl, label_smoothing, softcap, z_loss, ignore_index)
-    if filter_eps is not None and (resolve_impl(impl, hidden.device) != "triton" or not filter_eps > 0):
-        raise ValueError(f"filter_eps={filter_eps!r} needs impl='triton' and a value > 0 (or None to keep exact gradients).")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be an integer >= 1 (or None for the default).")
+    if filter_eps is not None and (impl not in ("triton", "auto") or not filter_eps > 0):
+        raise ValueError(f"filter_eps={filter_eps!r} needs impl='triton' (or 'auto', where it applies on CUDA) and a "
+                         "value > 0 (or None to keep exact gradients).")
+    kind = resolve_impl(impl, hidden.device, hidden.dtype)
+    if kind == "triton":
+        if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"impl='triton' takes float32, bfloat16 or float16 inputs, not {hidden.dtype}. "
+                             "Fix: use impl='chunked' for this dtype.")
+        if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"impl='triton' needs CUDA tensors (got {hidden.device.type}); on CPU set TRITON_INTERPRET=1 "
+                             "before importing lightning_memkit (slow; for tests) or use impl='chunked'.")
+    else:
+        filter_eps = None  # "auto" resolved to a path without filtering: gradients stay exact
     if shift:
         hidden, targets = hidden[..., :-1, :], targets[..., 1:]
     out_shape = targets.shape
-    h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    kind = resolve_impl(impl, hidden.device)
+    h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
     if kind == "torch":
         loss = reference_linear_cross_entropy(
             h2, weight, t1, bias=bias, ignore_index=ignore_index, reduction=reduction,

@@ -195,6 +195,12 @@ class _ReducedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the chunked fused cross-entropy computes its gradients in the forward pass and supports one "
+                "backward pass per forward (retain_graph / repeated autograd.grad are not supported). Fix: use "
+                "impl='torch', or reduction='none' (which recomputes in the backward), or run the forward again."
+            )
         # in place: the gradients are ours and not yet handed out, so no second copy of dW exists
         dh, dw, db = (None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
@@ -209,14 +215,18 @@ class _PerTokenLoss(torch.autograd.Function):
         losses, lse, _ = _grads(hidden, weight, bias, targets, valid, opts, chunk_size, (False, False, False), None)
         ctx.save_for_backward(hidden, weight, bias, targets, valid, lse)
         ctx.opts, ctx.chunk_size = opts, chunk_size
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return losses
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         hidden, weight, bias, targets, valid, lse = ctx.saved_tensors
         w_all = torch.where(valid, grad_out.float(), 0.0)
-        _, _, grads = _grads(hidden, weight, bias, targets, valid, ctx.opts, ctx.chunk_size,
-                             tuple(ctx.needs_input_grad[:3]), w_all, lse_in=lse)
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # recompute the logits as the forward did
+            _, _, grads = _grads(hidden, weight, bias, targets, valid, ctx.opts, ctx.chunk_size,
+                                 tuple(ctx.needs_input_grad[:3]), w_all, lse_in=lse)
         return (*grads, None, None, None, None)
 
 

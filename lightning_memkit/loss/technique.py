@@ -8,7 +8,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_memkit.config import CrossEntropyConfig
-from lightning_memkit.loss.toggle import is_hf_causal_lm, patch_hf_causal_lm, unpatch_hf_causal_lm, use_cross_entropy
+from lightning_memkit.loss.toggle import (
+    fused_call_count,
+    is_fusable_hf_causal_lm,
+    is_hf_causal_lm,
+    patch_hf_causal_lm,
+    unpatch_hf_causal_lm,
+    use_cross_entropy,
+)
 from lightning_memkit.techniques import Technique
 
 
@@ -27,27 +34,58 @@ class FusedCrossEntropyTechnique(Technique):
         self.config = config
         self._patched: list[nn.Module] = []
         self._heads = 0
+        self._warned = False
+        self._checked = False
 
     def describe(self) -> str:
         if not self._heads:
             return "fused cross-entropy: no LM head found (step unchanged)"
-        return f"fused linear cross-entropy (impl={self.config.impl!r}, {self._heads} LM head(s))"
+        return f"fused linear cross-entropy (impl={self.config.impl!r}, {self._heads} candidate LM head(s))"
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            rank_zero_warn(message)
 
     def setup_module(self, module: nn.Module) -> None:
+        self._warned = self._checked = False
         heads = [m for m in module.modules() if _has_fused_head(m)]
         hf = [m for m in module.modules() if is_hf_causal_lm(m)]
-        self._patched = [m for m in hf if patch_hf_causal_lm(m)]
-        self._heads = len(heads) + len(hf)
-        if not self._heads:
-            rank_zero_warn(
+        inside_adapters = {id(m.hf) for m in heads if hasattr(m, "hf")}  # HFCausalLM wraps one: count once
+        fusable = [m for m in hf if is_fusable_hf_causal_lm(m)]
+        self._patched = [m for m in fusable if patch_hf_causal_lm(m)]
+        self._heads = len(heads) + len([m for m in fusable if id(m) not in inside_adapters])
+        others = sorted({getattr(m.config, "model_type", type(m).__name__) for m in hf if m not in fusable})
+        if others:
+            self._warn_once(
+                f"memkit: cross_entropy='fused' leaves Hugging Face model type(s) {others} unchanged: their head or "
+                "loss has parts the fused loss does not reproduce (logit scaling, router losses); fused types: "
+                "llama, qwen2, mistral."
+            )
+        elif not self._heads:
+            self._warn_once(
                 f"memkit: cross_entropy='fused' found no LM head in {type(module).__name__} (looked for models with "
                 "forward_hidden() and lm_head, and Hugging Face *ForCausalLM models); the step is left unchanged. "
                 "To fuse your own head and loss, call lightning_memkit.loss.linear_cross_entropy(hidden, "
                 "head.weight, targets) or causal_lm_loss(model, input_ids, labels) in your training_step."
             )
 
+    @contextlib.contextmanager
+    def _checked_step(self):  # noqa: ANN202
+        before = fused_call_count()
+        with use_cross_entropy(self.config):
+            yield
+        if not self._checked:
+            self._checked = True
+            if self._heads and fused_call_count() == before:
+                self._warn_once(
+                    "memkit: cross_entropy='fused' is on, but the first step computed its loss without it (the "
+                    "model's logits were built as usual). The fused loss acts through causal_lm_loss(...) and Hugging "
+                    "Face models called with labels=; call one of them, or linear_cross_entropy(...), in your step."
+                )
+
     def step_context(self) -> contextlib.AbstractContextManager:
-        return use_cross_entropy(self.config)
+        return self._checked_step()
 
     def teardown(self, module: nn.Module) -> None:
         for m in self._patched:

@@ -26,6 +26,22 @@ from lightning_memkit.loss.api import linear_cross_entropy
 
 _ACTIVE: contextvars.ContextVar[Optional[CrossEntropyConfig]] = contextvars.ContextVar("memkit_cross_entropy", default=None)
 
+#: Hugging Face model types whose head + loss the patched forward reproduces exactly (tested). Others
+#: (e.g. Granite's logits scaling, Cohere's logit_scale, Mixtral's router loss) keep their own forward.
+FUSABLE_HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+_fused_calls = 0
+
+
+def fused_call_count() -> int:
+    """How many losses the fused path has computed in this process (lets the strategy check it acts)."""
+    return _fused_calls
+
+
+def _count_fused_call() -> None:
+    global _fused_calls
+    _fused_calls += 1
+
 
 def active_cross_entropy() -> Optional[CrossEntropyConfig]:
     """The fused cross-entropy settings in force for this step, or None (compute logits as usual)."""
@@ -59,6 +75,7 @@ def causal_lm_loss(
     config = active_cross_entropy()
     if config is not None:
         head = model.lm_head
+        _count_fused_call()
         return linear_cross_entropy(
             model.forward_hidden(input_ids), head.weight, labels, bias=head.bias, ignore_index=ignore_index,
             shift=shift, **_fused_kwargs(config),
@@ -79,6 +96,11 @@ def is_hf_causal_lm(module: nn.Module) -> bool:
     )
 
 
+def is_fusable_hf_causal_lm(module: nn.Module) -> bool:
+    """A Hugging Face causal LM of a family whose loss the fused forward reproduces exactly."""
+    return is_hf_causal_lm(module) and getattr(module.config, "model_type", None) in FUSABLE_HF_MODEL_TYPES
+
+
 class _FusedHFForward:
     """Replaces a HF ``*ForCausalLM.forward``: with labels and the toggle active, no logits."""
 
@@ -92,13 +114,18 @@ class _FusedHFForward:
             return self.original(*args, **kwargs)
         if args:  # name the positional arguments (input_ids, attention_mask, ...) by the signature
             kwargs = _as_keywords(self.original, args, kwargs)
-        if kwargs.get("labels") is None:
+        if (
+            kwargs.get("labels") is None
+            or kwargs.get("shift_labels") is not None  # labels already shifted by the caller
+            or kwargs.get("return_dict") is False  # tuple outputs: keep HF's own layout
+            or kwargs.get("output_router_logits", getattr(self.module.config, "output_router_logits", False))
+        ):
             return self.original(**kwargs)
         kwargs = dict(kwargs)
         labels = kwargs.pop("labels")
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("logits_to_keep", None)
-        return_dict = kwargs.pop("return_dict", True)
+        kwargs.pop("return_dict", None)
         hf = self.module
         outputs = hf.model(**kwargs)
         hidden = outputs[0]  # (B, T, D)
@@ -110,13 +137,14 @@ class _FusedHFForward:
         )
         if num_items is not None:  # Hugging Face's convention under gradient accumulation
             loss = loss / (num_items.to(loss.device) if isinstance(num_items, Tensor) else num_items)
+        _count_fused_call()
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         out = CausalLMOutputWithPast(
             loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
         )
-        return out if return_dict else out.to_tuple()
+        return out
 
 
 def _as_keywords(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

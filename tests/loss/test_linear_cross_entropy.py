@@ -228,3 +228,33 @@ def test_chunked_property(n, d, v, chunk, reduction, smoothing, softcap, z_loss,
     got = grads(lambda *a, **k: linear_cross_entropy(*a, impl="chunked", chunk_size=chunk, **k))
     for r, c in zip(ref, got):
         torch.testing.assert_close(c.double(), r.double(), rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+def test_review_edge_cases(monkeypatch):
+    h, w, _, t = _inputs(torch.float32, False)
+    with pytest.raises(ValueError, match="chunk_size=-1 must be an integer >= 1"):
+        linear_cross_entropy(h, w, t, impl="chunked", chunk_size=-1)
+    # int32 targets work in every implementation
+    expected = linear_cross_entropy(h, w, t, impl="torch")
+    for impl in ["torch", "chunked"] + (["triton"] if triton_available else []):
+        torch.testing.assert_close(linear_cross_entropy(h, w, t.int(), impl=impl), expected)
+    # filter_eps with "auto" on CPU: no Triton, so exact chunked gradients
+    torch.testing.assert_close(linear_cross_entropy(h, w, t, impl="auto", filter_eps=1e-4), expected)
+    with pytest.raises(ValueError, match="impl='triton' takes float32, bfloat16 or float16"):
+        linear_cross_entropy(h.double(), w.double(), t, impl="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        linear_cross_entropy(h, w, t, impl="triton")
+
+
+def test_chunked_second_backward_is_a_clear_error():
+    h, w, _, t = _inputs(torch.float32, False)
+    hh = h.clone().requires_grad_()
+    loss = linear_cross_entropy(hh, w, t, impl="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="supports one backward pass per forward"):
+        loss.backward()
+    # reduction="none" recomputes, so it supports it
+    per_token = linear_cross_entropy(hh, w, t, impl="chunked", reduction="none").sum()
+    per_token.backward(retain_graph=True)
+    per_token.backward()

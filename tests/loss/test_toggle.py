@@ -164,3 +164,51 @@ def test_cross_entropy_config_errors():
         MemKitStrategy(cross_entropy={"impl": "chunked", "filter_eps": 1e-4})
     with pytest.raises(MemKitConfigError, match="cross_entropy.chunk_size=0"):
         MemKitStrategy(cross_entropy={"chunk_size": 0})
+
+
+def test_hf_fallbacks_keep_hf_semantics():
+    from lightning_memkit.loss.toggle import patch_hf_causal_lm
+
+    lm = _tiny_llama()
+    ids = torch.randint(0, 97, (2, 12))
+    shifted = torch.randint(0, 97, (2, 12))
+    expected = lm(input_ids=ids, labels=ids, shift_labels=shifted).loss
+    as_tuple = lm(input_ids=ids, labels=ids, return_dict=False)
+    patch_hf_causal_lm(lm)
+    with use_cross_entropy(CrossEntropyConfig()):
+        torch.testing.assert_close(lm(input_ids=ids, labels=ids, shift_labels=shifted).loss, expected)
+        out = lm(input_ids=ids, labels=ids, return_dict=False)
+        assert len(out) == len(as_tuple) and out[1].shape == (2, 12, 97)
+
+
+def test_unsupported_hf_family_is_left_alone_with_a_warning(trainer_kwargs):
+    class GraniteModule(HFUserModule):
+        def __init__(self):
+            super().__init__()
+            config = transformers.GraniteConfig(
+                vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, logits_scaling=8.0,
+            )
+            self.lm = transformers.GraniteForCausalLM(config)
+
+    module = GraniteModule()
+    with pytest.warns(UserWarning, match=r"leaves Hugging Face model type\(s\) \['granite'\] unchanged"):
+        pl.Trainer(strategy="memkit", **{**trainer_kwargs, "max_steps": 1}).fit(module)
+    assert module.seen[0][1] is not None  # HF's own forward: logits built, its scaling applied
+    assert "forward" not in module.lm.__dict__
+
+
+def test_head_present_but_loss_not_fused_warns_once(trainer_kwargs):
+    class OwnLoss(CausalLMModule):
+        def training_step(self, batch, batch_idx):
+            logits = self.model(batch["input_ids"])
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+        def train_dataloader(self):
+            rows = [_batch(1, 16) for _ in range(4)]
+            data = [{"input_ids": r["input_ids"][0], "labels": r["labels"][0]} for r in rows]
+            return torch.utils.data.DataLoader(data, batch_size=2)
+
+    with pytest.warns(UserWarning, match="computed its loss without it") as record:
+        pl.Trainer(strategy="memkit", **{**trainer_kwargs, "max_steps": 2, "limit_val_batches": 0}).fit(OwnLoss(model="tiny"))
+    assert sum("without it" in str(w.message) for w in record) == 1
