@@ -14,10 +14,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar
+from typing import Any, Callable, ClassVar, Iterator, Optional, TypeVar
 
 from torch import nn
 from torch.optim import Optimizer
+
+W = TypeVar("W", bound="ForwardWrapper")
 
 
 class Technique:
@@ -47,3 +49,54 @@ class Technique:
 
     def teardown(self, module: nn.Module) -> None:
         """Undo :meth:`setup_module`. Default: nothing."""
+
+
+class ForwardWrapper:
+    """Base of the callables a technique puts in place of a module's ``forward``.
+
+    A wrapper is an instance attribute (``module.forward``), so the module keeps its class,
+    parameters and state-dict keys. ``inner`` is what it wraps: the bound class ``forward`` or an
+    earlier instance-level forward (possibly another technique's wrapper), so wrappers stack and
+    each can be removed on its own with :func:`unwrap_forward`.
+    """
+
+    def __init__(self, inner: Callable[..., Any], had_instance_forward: bool) -> None:
+        self.inner = inner
+        self.had_instance_forward = had_instance_forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - subclasses define it
+        return self.inner(*args, **kwargs)
+
+
+def _chain(module: nn.Module) -> Iterator[ForwardWrapper]:
+    wrapper = module.__dict__.get("forward")
+    while isinstance(wrapper, ForwardWrapper):
+        yield wrapper
+        wrapper = wrapper.inner if wrapper.had_instance_forward else None
+
+
+def find_forward_wrapper(module: nn.Module, cls: type[W]) -> Optional[W]:
+    """The wrapper of class ``cls`` on ``module.forward``, or None."""
+    return next((w for w in _chain(module) if isinstance(w, cls)), None)
+
+
+def wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any], bool], W]) -> Optional[W]:
+    """Put ``make(current_forward, had_instance_forward)`` in place of ``module.forward``; returns it."""
+    wrapper = make(module.forward, "forward" in module.__dict__)
+    module.forward = wrapper
+    return wrapper
+
+
+def unwrap_forward(module: nn.Module, cls: type[ForwardWrapper]) -> None:
+    """Remove the wrapper of class ``cls`` from ``module.forward``, leaving any others in place."""
+    parent: Optional[ForwardWrapper] = None
+    for wrapper in _chain(module):
+        if isinstance(wrapper, cls):
+            if parent is not None:  # splice it out of the chain
+                parent.inner, parent.had_instance_forward = wrapper.inner, wrapper.had_instance_forward
+            elif wrapper.had_instance_forward:
+                module.forward = wrapper.inner
+            else:
+                del module.forward
+            return
+        parent = wrapper

@@ -193,3 +193,29 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     assert outs[2]["checkpointed_blocks"] == outs[1]["checkpointed_blocks"] == 2
     for name, value in outs[1]["state"].items():
         torch.testing.assert_close(outs[2]["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_forward_wrappers_stack_and_unwrap_in_any_order():
+    """Two techniques wrapping one module's forward: each can be removed alone, the other stays."""
+    from lightning_memkit.activations import apply_checkpointing, remove_checkpointing
+    from lightning_memkit.loss.toggle import _FusedHFForward, patch_hf_causal_lm, unpatch_hf_causal_lm
+    from lightning_memkit.techniques import find_forward_wrapper
+
+    block = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    x = torch.randn(2, 3)
+    expected = block(x)
+    for first_removed in ("checkpoint", "patch"):
+        apply_checkpointing([block, block])  # the second entry is already checkpointed: no-op
+        patch_hf_causal_lm(block)
+        assert is_checkpointed(block) and find_forward_wrapper(block, _FusedHFForward) is not None
+        torch.testing.assert_close(block(x), expected)
+        if first_removed == "checkpoint":
+            remove_checkpointing([block])
+            assert not is_checkpointed(block) and find_forward_wrapper(block, _FusedHFForward) is not None
+            unpatch_hf_causal_lm(block)
+        else:
+            unpatch_hf_causal_lm(block)
+            assert is_checkpointed(block) and find_forward_wrapper(block, _FusedHFForward) is None
+            remove_checkpointing([block])
+        assert "forward" not in block.__dict__
+        torch.testing.assert_close(block(x), expected)

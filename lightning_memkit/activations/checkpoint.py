@@ -10,7 +10,7 @@ modules; :class:`CheckpointTechnique` is how ``MemKitStrategy`` installs it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -18,15 +18,11 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_memkit.config import ActivationsConfig, MemKitConfigError
 from lightning_memkit.models.interface import find_blocks
-from lightning_memkit.techniques import Technique
+from lightning_memkit.techniques import ForwardWrapper, Technique, find_forward_wrapper, unwrap_forward, wrap_forward
 
 
-class _CheckpointedForward:
+class _CheckpointedForward(ForwardWrapper):
     """Replaces a module's ``forward``: runs the original under ``torch.utils.checkpoint``."""
-
-    def __init__(self, inner: Callable[..., Any], had_instance_forward: bool) -> None:
-        self.inner = inner
-        self.had_instance_forward = had_instance_forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():  # inference: nothing is saved, nothing to recompute
@@ -35,7 +31,7 @@ class _CheckpointedForward:
 
 
 def is_checkpointed(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("forward"), _CheckpointedForward)
+    return find_forward_wrapper(module, _CheckpointedForward) is not None
 
 
 def apply_checkpointing(blocks: Sequence[nn.Module], every: int = 1) -> list[nn.Module]:
@@ -50,8 +46,7 @@ def apply_checkpointing(blocks: Sequence[nn.Module], every: int = 1) -> list[nn.
     for i, block in enumerate(blocks):
         if i % every or is_checkpointed(block):
             continue
-        had_instance_forward = "forward" in block.__dict__
-        block.forward = _CheckpointedForward(block.forward, had_instance_forward)
+        wrap_forward(block, _CheckpointedForward)
         changed.append(block)
     return changed
 
@@ -59,12 +54,7 @@ def apply_checkpointing(blocks: Sequence[nn.Module], every: int = 1) -> list[nn.
 def remove_checkpointing(blocks: Sequence[nn.Module]) -> None:
     """Undo :func:`apply_checkpointing` on ``blocks`` (others are left alone)."""
     for block in blocks:
-        wrapper = block.__dict__.get("forward")
-        if isinstance(wrapper, _CheckpointedForward):
-            if wrapper.had_instance_forward:
-                block.forward = wrapper.inner
-            else:
-                del block.forward
+        unwrap_forward(block, _CheckpointedForward)
 
 
 class CheckpointTechnique(Technique):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning_memkit.config import CrossEntropyConfig
 from lightning_memkit.loss.api import linear_cross_entropy
+from lightning_memkit.techniques import ForwardWrapper, find_forward_wrapper, unwrap_forward, wrap_forward
 
 _ACTIVE: contextvars.ContextVar[Optional[CrossEntropyConfig]] = contextvars.ContextVar("memkit_cross_entropy", default=None)
 
@@ -101,26 +102,26 @@ def is_fusable_hf_causal_lm(module: nn.Module) -> bool:
     return is_hf_causal_lm(module) and getattr(module.config, "model_type", None) in FUSABLE_HF_MODEL_TYPES
 
 
-class _FusedHFForward:
+class _FusedHFForward(ForwardWrapper):
     """Replaces a HF ``*ForCausalLM.forward``: with labels and the toggle active, no logits."""
 
-    def __init__(self, module: nn.Module, original: Any) -> None:
+    def __init__(self, module: nn.Module, inner: Any, had_instance_forward: bool) -> None:
+        super().__init__(inner, had_instance_forward)
         self.module = module
-        self.original = original
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         config = active_cross_entropy()
         if config is None:
-            return self.original(*args, **kwargs)
+            return self.inner(*args, **kwargs)
         if args:  # name the positional arguments (input_ids, attention_mask, ...) by the signature
-            kwargs = _as_keywords(self.original, args, kwargs)
+            kwargs = _as_keywords(self.inner, args, kwargs)
         if (
             kwargs.get("labels") is None
             or kwargs.get("shift_labels") is not None  # labels already shifted by the caller
             or kwargs.get("return_dict") is False  # tuple outputs: keep HF's own layout
             or kwargs.get("output_router_logits", getattr(self.module.config, "output_router_logits", False))
         ):
-            return self.original(**kwargs)
+            return self.inner(**kwargs)
         kwargs = dict(kwargs)
         labels = kwargs.pop("labels")
         num_items = kwargs.pop("num_items_in_batch", None)
@@ -162,15 +163,11 @@ def _as_keywords(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]
 
 def patch_hf_causal_lm(module: nn.Module) -> bool:
     """Route ``module.forward(labels=...)`` through the fused loss while the toggle is active."""
-    if isinstance(module.__dict__.get("forward"), _FusedHFForward):
+    if find_forward_wrapper(module, _FusedHFForward) is not None:
         return False
-    module.forward = _FusedHFForward(module, module.forward)
+    wrap_forward(module, lambda inner, had: _FusedHFForward(module, inner, had))
     return True
 
 
 def unpatch_hf_causal_lm(module: nn.Module) -> None:
-    wrapper = module.__dict__.get("forward")
-    if isinstance(wrapper, _FusedHFForward):
-        del module.forward
-        if getattr(wrapper.original, "__self__", None) is not module:  # an instance-level forward was there
-            module.forward = wrapper.original
+    unwrap_forward(module, _FusedHFForward)
