@@ -258,3 +258,16 @@ def test_chunked_second_backward_is_a_clear_error():
     per_token = linear_cross_entropy(hh, w, t, impl="chunked", reduction="none").sum()
     per_token.backward(retain_graph=True)
     per_token.backward()
+
+
+def test_auto_resolution_per_device():
+    from lightning_memkit.loss.api import resolve_impl
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_impl("auto", cpu, torch.bfloat16) == "chunked"
+    # the chunked path is the faster exact one on CUDA too (H100 timings in the README)
+    assert resolve_impl("auto", cuda, torch.bfloat16) == "chunked"
+    # gradient filtering exists only in the Triton kernels
+    assert resolve_impl("auto", cuda, torch.bfloat16, filter_eps=1e-4) == "triton"
+    assert resolve_impl("auto", cuda, torch.float64, filter_eps=1e-4) == "chunked"
+    assert resolve_impl("triton", cpu) == "triton"
