@@ -196,3 +196,144 @@ def parse_cross_entropy(value: CrossEntropySetting) -> CrossEntropyConfig:
         MemKitConfigError: unknown shorthand, unknown key, bad value or wrong type.
     """
     return _parse_setting("cross_entropy", value, CrossEntropyConfig, CROSS_ENTROPY_SHORTHANDS)
+
+
+# --------------------------------------------------------------------------------------------------
+# optimizer: which optimizer replaces the one configure_optimizers returned
+# --------------------------------------------------------------------------------------------------
+
+#: "none" keeps the user's optimizer; every other name rebuilds it (see lightning_memkit.optim).
+OPTIMIZER_NAMES = (
+    "none", "adamw", "adamw8bit", "paged_adamw8bit", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini",
+    "frugal",
+)
+#: which optional keys each optimizer takes (None in the config: the optimizer's own default)
+OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "adamw": (),
+    "adamw8bit": (),
+    "paged_adamw8bit": (),
+    "galore_adamw": ("rank", "update_gap", "scale", "target_modules"),
+    "galore_adamw8bit": ("rank", "update_gap", "scale", "target_modules"),
+    "apollo": ("rank", "update_gap", "scale", "scale_type", "norm_growth_limit", "seed", "target_modules"),
+    "apollo_mini": ("rank", "update_gap", "scale", "scale_type", "norm_growth_limit", "seed", "target_modules"),
+    "frugal": ("rank", "update_gap", "proj", "state_free", "free_lr_scale", "reset_on_refresh", "seed",
+               "target_modules"),
+}
+#: optimizers step-in-backward can drive (bitsandbytes' optimizers have no per-parameter update)
+IN_BACKWARD_OPTIMIZERS = ("adamw", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal")
+
+OPTIMIZER_SHORTHANDS: dict[str, dict[str, Any]] = {name: {"name": name} for name in OPTIMIZER_NAMES}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Settings of the ``optimizer`` family. Fields left None take the optimizer's own default.
+
+    Attributes:
+        name: one of :data:`OPTIMIZER_NAMES`.
+        rank: subspace dimension (GaLore 128, APOLLO 256, APOLLO-Mini 1, FRUGAL 128).
+        update_gap: steps between projection refreshes (200).
+        scale: GaLore's α (0.25); APOLLO's scale, applied as √scale (1; APOLLO-Mini 128).
+        scale_type: APOLLO's ``"channel"`` or ``"tensor"``.
+        norm_growth_limit: APOLLO's limiter γ (1.01); 0 turns it off.
+        proj, state_free, free_lr_scale, reset_on_refresh: FRUGAL's projection (``"svd"``/``"random"``),
+            state-free rule (``"signsgd"``/``"sgd"``), its learning-rate multiple (1.0), and whether
+            moments reset when the basis changes (true).
+        seed: base seed of random projections (0).
+        target_modules: module-name patterns (fnmatch, over ``LightningModule.named_modules()``) whose
+            2-D weights get the low-rank rule; None: every ``nn.Linear`` inside the transformer blocks.
+        in_backward: update each parameter from its gradient hook (see ``optim.in_backward``).
+    """
+
+    name: str = "none"
+    rank: Optional[int] = None
+    update_gap: Optional[int] = None
+    scale: Optional[float] = None
+    scale_type: Optional[str] = None
+    norm_growth_limit: Optional[float] = None
+    proj: Optional[str] = None
+    state_free: Optional[str] = None
+    free_lr_scale: Optional[float] = None
+    reset_on_refresh: Optional[bool] = None
+    seed: Optional[int] = None
+    target_modules: Optional[tuple[str, ...]] = None
+    in_backward: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer.name", self.name, OPTIMIZER_NAMES)
+        allowed = OPTIMIZER_KEYS[self.name]
+        for f in dataclasses.fields(self):
+            if f.name in ("name", "in_backward") or getattr(self, f.name) is None or f.name in allowed:
+                continue
+            takers = sorted(n for n, keys in OPTIMIZER_KEYS.items() if f.name in keys)
+            raise MemKitConfigError(
+                f"optimizer.{f.name}={getattr(self, f.name)!r} does not apply to optimizer {self.name!r} (it is a setting "
+                f"of {', '.join(takers)}). Fix: drop optimizer.{f.name}, or choose one of those optimizers."
+            )
+        for key in ("rank", "update_gap"):
+            if getattr(self, key) is not None:
+                check_int(f"optimizer.{key}", getattr(self, key), minimum=1)
+        if self.seed is not None:
+            check_int("optimizer.seed", self.seed, minimum=0)
+        for key, minimum in (("scale", 0.0), ("free_lr_scale", 0.0), ("norm_growth_limit", 0.0)):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum
+                                      or (key == "scale" and value == 0)):
+                raise MemKitConfigError(f"optimizer.{key}={value!r} must be a number {'>' if key == 'scale' else '>='} "
+                                        f"{minimum}. Fix: set a positive number or drop it for the default.")
+        if self.norm_growth_limit not in (None, 0) and self.norm_growth_limit < 1:
+            raise MemKitConfigError(f"optimizer.norm_growth_limit={self.norm_growth_limit!r} must be >= 1 (or 0 to turn "
+                                    "the limiter off). Fix: use the paper's 1.01.")
+        if self.scale_type is not None:
+            check_choice("optimizer.scale_type", self.scale_type, ("channel", "tensor"))
+        if self.proj is not None:
+            check_choice("optimizer.proj", self.proj, ("svd", "random"))
+        if self.state_free is not None:
+            check_choice("optimizer.state_free", self.state_free, ("signsgd", "sgd"))
+        for key in ("in_backward", "reset_on_refresh"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, bool):
+                raise MemKitConfigError(f"optimizer.{key}={value!r} has type {type(value).__name__}. Fix: true or false.")
+        if self.target_modules is not None:
+            patterns = self.target_modules
+            if isinstance(patterns, str) or not all(isinstance(x, str) for x in patterns) or not patterns:
+                raise MemKitConfigError(
+                    f"optimizer.target_modules={patterns!r} must be a non-empty list of module-name patterns such as "
+                    "['*.q_proj', '*.mlp.*']."
+                )
+            object.__setattr__(self, "target_modules", tuple(patterns))
+        if self.in_backward and self.name not in IN_BACKWARD_OPTIMIZERS:
+            raise MemKitConfigError(
+                f"optimizer.in_backward=true with optimizer {self.name!r}: "
+                + ("there is no optimizer to drive (name 'none' keeps yours). " if self.name == "none" else
+                   "bitsandbytes' optimizers have no per-parameter update to call from a gradient hook. ")
+                + f"Fix: choose one of {_fmt_allowed(IN_BACKWARD_OPTIMIZERS)}, or set in_backward=false."
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """The settings given (not None), as keyword arguments of the optimizer class."""
+        skip = ("name", "in_backward", "target_modules")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in skip and getattr(self, f.name) is not None}
+
+
+OptimizerSetting = Union[str, Mapping[str, Any], OptimizerConfig, None]
+
+
+def parse_optimizer(value: OptimizerSetting) -> OptimizerConfig:
+    """Turn the user's ``optimizer=`` setting into an :class:`OptimizerConfig`.
+
+    Args:
+        value: ``None`` (keep the user's optimizer); a name (one of :data:`OPTIMIZER_NAMES`); a mapping
+            of :class:`OptimizerConfig` fields such as ``{"name": "galore_adamw8bit", "rank": 128}``;
+            or an :class:`OptimizerConfig`.
+
+    Raises:
+        MemKitConfigError: unknown name or key, a setting the optimizer does not take, a bad value.
+    """
+    return _parse_setting("optimizer", value, OptimizerConfig, OPTIMIZER_SHORTHANDS)

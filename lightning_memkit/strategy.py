@@ -29,8 +29,10 @@ from lightning_memkit.config import (
     ActivationsConfig,
     CrossEntropyConfig,
     MemKitConfigError,
+    OptimizerConfig,
     parse_activations,
     parse_cross_entropy,
+    parse_optimizer,
 )
 from lightning_memkit.techniques import Technique
 
@@ -48,7 +50,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 #: the technique-family arguments of MemKitStrategy
-MEMKIT_ARGUMENTS = ("activations", "cross_entropy")
+MEMKIT_ARGUMENTS = ("activations", "cross_entropy", "optimizer")
 
 
 class MemKitStrategy(DDPStrategy):
@@ -62,6 +64,11 @@ class MemKitStrategy(DDPStrategy):
         cross_entropy: how the LM head and the loss are computed: ``"fused"`` (default; exact, logits
             never materialized), ``"plain"`` (the model's own computation), or a mapping of
             :class:`~lightning_memkit.config.CrossEntropyConfig` fields such as ``{"impl": "chunked"}``.
+        optimizer: rebuild the optimizer ``configure_optimizers`` returned as a memory-efficient one:
+            ``"none"`` (default: keep it), a name such as ``"galore_adamw8bit"``, ``"apollo_mini"``,
+            ``"frugal"``, ``"adamw8bit"``, or a mapping of
+            :class:`~lightning_memkit.config.OptimizerConfig` fields such as
+            ``{"name": "apollo_mini", "in_backward": True}``.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as in Lightning's ``DDPStrategy``; the
             Trainer fills most of them in.
@@ -78,6 +85,7 @@ class MemKitStrategy(DDPStrategy):
         self,
         activations: Union[str, dict[str, Any], ActivationsConfig, None] = None,
         cross_entropy: Union[str, dict[str, Any], CrossEntropyConfig, None] = "fused",
+        optimizer: Union[str, dict[str, Any], OptimizerConfig, None] = None,
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -91,6 +99,7 @@ class MemKitStrategy(DDPStrategy):
     ) -> None:
         self.activations = parse_activations(activations)
         self.cross_entropy = parse_cross_entropy(cross_entropy)
+        self.optimizer_config = parse_optimizer(optimizer)
         _check_ddp_kwargs(ddp_kwargs)
         super().__init__(
             accelerator=accelerator,
@@ -116,6 +125,10 @@ class MemKitStrategy(DDPStrategy):
             from lightning_memkit.loss.technique import FusedCrossEntropyTechnique
 
             techniques.append(FusedCrossEntropyTechnique(self.cross_entropy))
+        if self.optimizer_config.enabled:
+            from lightning_memkit.optim.technique import OptimizerTechnique
+
+            techniques.append(OptimizerTechnique(self.optimizer_config))
         return techniques
 
     # ----- one process: no process group, no DDP wrapper -----------------------------------------
@@ -154,6 +167,8 @@ class MemKitStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING and self.techniques:
             module = self.lightning_module
             assert module is not None
+            for technique in self.techniques:
+                technique.setup_trainer(trainer)
             self._installed_on = module  # set first: teardown undoes a partial install after an error
             for technique in self.techniques:
                 technique.setup_module(module)

@@ -2,6 +2,8 @@
 
 ``MemKitStrategy`` builds one :class:`Technique` per enabled setting and calls, in order:
 
+- :meth:`Technique.setup_trainer` with the Trainer when fitting starts (the place to refuse
+  Trainer settings the technique cannot work with);
 - :meth:`Technique.setup_module` on the LightningModule when fitting starts, before the model is
   wrapped for distributed training (the place to change the forward of chosen modules);
 - :meth:`Technique.setup_optimizers` on the optimizers ``configure_optimizers`` returned (the place
@@ -35,6 +37,10 @@ class Technique:
 
     def describe(self) -> str:
         return self.name
+
+    def setup_trainer(self, trainer: Any) -> None:
+        """Check the Trainer's settings before anything is installed (raise MemKitConfigError to refuse
+        a combination that cannot work). Default: nothing."""
 
     def setup_module(self, module: nn.Module) -> None:
         """Change how ``module`` stores or computes activations. Default: nothing."""

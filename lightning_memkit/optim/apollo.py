@@ -1,0 +1,106 @@
+"""APOLLO and APOLLO-Mini: AdamW's per-channel learning-rate scaling, estimated in a random subspace.
+
+For a low-rank weight with gradient G (m x n): R = Pᵀ G (or G P) with a seeded Gaussian basis P
+(:class:`~lightning_memkit.optim.projectors.RandomProjector`, entries N(0, 1/r), remade every
+``update_gap`` steps from the seed, never stored); Adam moments of R give the direction
+R̃ = m̂ / (√v̂ + ε). The update is the *full-rank* gradient scaled:
+
+- channel-wise (APOLLO): s_j = ‖R̃[:, j]‖ / (‖R[:, j]‖ + 1e-8) for each channel j of the kept
+  (larger) dimension, G̃ = G · diag(s);
+- tensor-wise (APOLLO-Mini, rank 1): s = ‖R̃‖ / (‖R‖ + 1e-8), G̃ = s·G.
+
+Norm-growth limiter (from Fira): if ‖G̃_t‖ > γ‖G̃_{t−1}‖ then G̃_t is rescaled to γ‖G̃_{t−1}‖.
+Then W ← W − lr·√scale·G̃ (the reference implementation's ``apollo_scale`` enters as its square
+root: APOLLO-Mini's scale 128 multiplies the update by √128). Bias correction is inside R̃, as in
+torch's AdamW; the limiter sees the bias-corrected update.
+
+The update needs the full gradient G, so step-in-backward cannot accumulate it projected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_memkit.optim.base import MemKitOptimizer
+from lightning_memkit.optim.projectors import RandomProjector, projection_seed
+
+SCALE_TYPES = ("channel", "tensor")
+
+
+class Apollo(MemKitOptimizer):
+    """APOLLO (defaults from the paper: rank 256, channel-wise, refresh every 200 steps, scale 1).
+
+    Args:
+        params, lr, betas, eps, weight_decay, lowrank_params, names: see
+            :class:`~lightning_memkit.optim.base.MemKitOptimizer`.
+        rank: dimension of the random subspace.
+        update_gap: steps between new random bases.
+        scale: the update is multiplied by √scale.
+        scale_type: ``"channel"`` or ``"tensor"``.
+        norm_growth_limit: γ of the limiter (None or 0: off).
+        seed: base seed of the random bases (each weight derives its own from it and its index).
+    """
+
+    name = "apollo"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, rank: int = 256, update_gap: int = 200,
+                 scale: float = 1.0, scale_type: str = "channel", norm_growth_limit: Optional[float] = 1.01,
+                 seed: int = 0, lowrank_params: Optional[Iterable[Tensor]] = None,
+                 names: Optional[dict[Tensor, str]] = None) -> None:
+        if scale_type not in SCALE_TYPES:
+            raise ValueError(f"scale_type={scale_type!r} is not one of {SCALE_TYPES}.")
+        if norm_growth_limit is not None and norm_growth_limit != 0 and not norm_growth_limit >= 1:
+            raise ValueError(f"norm_growth_limit={norm_growth_limit!r} must be >= 1 (or None to turn the limiter off).")
+        super().__init__(params, lr, betas, eps, weight_decay, lowrank_params=lowrank_params, names=names,
+                         rank=rank, update_gap=update_gap, scale=scale, scale_type=scale_type,
+                         norm_growth_limit=norm_growth_limit, seed=seed)
+
+    def projector(self, p: Tensor) -> RandomProjector:
+        proj = self._projectors.get(p)
+        if proj is None or proj.state is not self.state[p].get("projector"):
+            group = self.group_of(p)
+            seed = projection_seed(group["seed"], self._index[p], 0)
+            proj = RandomProjector(self.state[p].setdefault("projector", {}), tuple(p.shape), group["rank"],
+                                   group["update_gap"], seed)
+            self._projectors[p] = proj
+        return proj
+
+    def _lowrank_update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        proj = self.projector(p)
+        if proj.due(state["step"] - 1):
+            proj.refresh(None, state["step"] - 1)
+        r = proj.project(grad)
+        n = self._adam_direction(r, group, state)
+        if group["scale_type"] == "channel":
+            dim = 0 if proj.side == "left" else 1  # norms over the projected dimension: one per kept channel
+            s = n.norm(dim=dim, keepdim=True) / (r.norm(dim=dim, keepdim=True) + 1e-8)
+        elif group["scale_type"] == "tensor":
+            s = n.norm() / (r.norm() + 1e-8)
+        else:
+            raise ValueError(f"scale_type={group['scale_type']!r} is not one of {SCALE_TYPES}.")
+        update = grad.float() * s
+        gamma = group["norm_growth_limit"]
+        if gamma:
+            norm = update.norm()
+            if "last_update_norm" in state:
+                limiter = torch.clamp(norm / (state["last_update_norm"] + 1e-8), min=gamma) / gamma
+                update.div_(limiter)
+                norm = norm / limiter
+            state["last_update_norm"] = norm
+        p.add_(update.to(p.dtype), alpha=-group["lr"] * math.sqrt(group["scale"]))
+
+
+class ApolloMini(Apollo):
+    """APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (update × √128), as in the paper."""
+
+    name = "apollo_mini"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, rank: int = 1, scale: float = 128.0,
+                 scale_type: str = "tensor", **kwargs: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, rank=rank, scale=scale, scale_type=scale_type, **kwargs)

@@ -1,0 +1,261 @@
+"""What every memkit optimizer shares: AdamW for the dense parameters, a per-parameter update that
+step-in-backward can call, moments in fp32 or 8 bits, and a state dict that keeps dtypes.
+
+A memkit optimizer is a ``torch.optim.Optimizer``. Its settings live in the param groups (``lr``,
+``betas``, ``eps``, ``weight_decay`` and the technique's own, such as ``rank``). Each parameter is
+either *low-rank* (a 2-D weight chosen by the caller: the subclass's rule) or *dense* (AdamW, as in
+the papers: norms, biases, embeddings, the LM head). Weight decay is decoupled and applied first,
+as ``torch.optim.AdamW`` does: ``W ← W·(1 − lr·wd)``, then the update.
+
+The math of one parameter's update is a method taking (parameter, gradient): :meth:`step` calls it
+for every parameter, and :class:`~lightning_memkit.optim.in_backward.StepInBackward` calls it from
+the gradient hook, so both give the same parameters bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_memkit.optim.eight_bit import dequantize_state, quantize_state, quantized_bytes
+from lightning_memkit.optim.projectors import check_rank
+
+#: tensors with fewer elements keep fp32 moments in 8-bit mode (as bitsandbytes' min_8bit_size)
+MIN_8BIT_SIZE = 4096
+
+
+class MemKitOptimizer(torch.optim.Optimizer):
+    """Base class. Subclasses set ``name`` and implement :meth:`_lowrank_update`.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        lr, betas, eps, weight_decay: AdamW's settings (every parameter uses them).
+        lowrank_params: the parameters that get the low-rank rule. None: every 2-D parameter of the
+            groups whose ``"lowrank"`` key is true (the default for a group).
+        names: optional display names of parameters, used in error messages.
+        eight_bit: keep Adam moments in 8 bits (bitsandbytes blockwise quantization, blocks of 256,
+            one fp32 scale each) for tensors of at least 4096 elements.
+        **technique_defaults: the subclass's settings (e.g. ``rank``), stored in every group.
+    """
+
+    name: ClassVar[str] = "memkit"
+    #: step-in-backward may accumulate this optimizer's low-rank gradients projected (GaLore only)
+    accumulates_projected: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        lowrank_params: Optional[Iterable[Tensor]] = None,
+        names: Optional[dict[Tensor, str]] = None,
+        eight_bit: bool = False,
+        **technique_defaults: Any,
+    ) -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr={lr!r} must be >= 0.")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas={betas!r} must each lie in [0, 1).")
+        if not eps >= 0:
+            raise ValueError(f"eps={eps!r} must be >= 0.")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lowrank=True,
+                        **technique_defaults)
+        super().__init__(params, defaults)
+        self.eight_bit = eight_bit
+        self._names = dict(names or {})
+        self._group_of: dict[Tensor, dict[str, Any]] = {}
+        self._index: dict[Tensor, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._group_of[p] = group
+                self._index[p] = len(self._index)
+        if lowrank_params is None:
+            chosen = [p for g in self.param_groups if g["lowrank"] for p in g["params"] if p.ndim == 2]
+        else:
+            chosen = list(lowrank_params)
+            stray = [self.param_name(p) for p in chosen if p not in self._group_of]
+            if stray:
+                raise ValueError(f"lowrank_params contains parameters that are not in the optimizer: {stray[:5]}")
+        self._lowrank = set(chosen)
+        for p in chosen:
+            self._check_lowrank(p, self._group_of[p])
+        self._projectors: dict[Tensor, Any] = {}
+
+    # ----- bookkeeping ------------------------------------------------------------------------------
+    def param_name(self, p: Tensor) -> str:
+        return self._names.get(p, f"parameter {self._index.get(p, '?')} of shape {tuple(p.shape)}")
+
+    def is_lowrank(self, p: Tensor) -> bool:
+        return p in self._lowrank
+
+    def group_of(self, p: Tensor) -> dict[str, Any]:
+        return self._group_of[p]
+
+    def _check_lowrank(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Validate a low-rank parameter's settings (subclasses check their own keys)."""
+        if "rank" in group:
+            check_rank(self.param_name(p), tuple(p.shape), group["rank"])
+        gap = group.get("update_gap")
+        if gap is not None and (isinstance(gap, bool) or not isinstance(gap, int) or gap < 1):
+            raise ValueError(f"update_gap={gap!r} must be an integer >= 1 (steps between projection refreshes).")
+
+    # ----- the step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update_param(p, p.grad)
+        return loss
+
+    @torch.no_grad()
+    def update_param(self, p: Tensor, grad: Optional[Tensor], projected: Optional[Tensor] = None) -> None:
+        """Apply one optimizer step to ``p`` from its complete gradient ``grad``, or, for optimizers
+        that accumulate projected gradients (:attr:`accumulates_projected`), from the projected
+        gradient ``projected`` (see :meth:`project_grad`)."""
+        if grad is not None and grad.is_sparse:
+            raise RuntimeError(f"{self.name} does not support sparse gradients ({self.param_name(p)}).")
+        group = self._group_of[p]
+        state = self.state[p]
+        state["step"] = state.get("step", 0) + 1
+        if group["weight_decay"]:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        if projected is not None:
+            self._projected_update(p, projected, group, state)
+        elif p in self._lowrank:
+            self._lowrank_update(p, grad, group, state)
+        else:
+            self._dense_update(p, grad, group, state)
+
+    def project_grad(self, p: Tensor, grad: Tensor) -> Tensor:
+        """The low-rank gradient of ``p`` for its next step (refreshing the basis if due). Only for
+        optimizers with :attr:`accumulates_projected`."""
+        raise NotImplementedError(f"{self.name} cannot accumulate projected gradients")
+
+    def _projected_update(self, p: Tensor, r: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{self.name} cannot step from a projected gradient")
+
+    def _lowrank_update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not define a low-rank update")
+
+    # ----- Adam pieces ------------------------------------------------------------------------------
+    def _dense_update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """AdamW on the full parameter (decay already applied)."""
+        beta1, beta2 = group["betas"]
+        step = state["step"]
+        if self._uses_8bit(p):
+            m, v = self._load_moments(state, p.shape, p.device)
+            g = grad.float()
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            self._store_moments(state, m, v)
+            denom = (v.sqrt_() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+            p.add_((m / denom).to(p.dtype), alpha=-group["lr"] / (1 - beta1**step))
+            return
+        if "exp_avg" not in state:  # the parameter's dtype, as torch.optim.AdamW
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**step))
+
+    def _adam_direction(self, r: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+        """Update the (fp32 or 8-bit) moments of the low-rank gradient ``r`` and return the bias-corrected
+        Adam direction m̂ / (√v̂ + ε) (fp32, shape of ``r``)."""
+        beta1, beta2 = group["betas"]
+        step = state["moment_step"] = state.get("moment_step", 0) + 1  # restarts when the moments are reset
+        m, v = self._load_moments(state, r.shape, r.device)
+        m.lerp_(r, 1 - beta1)
+        v.mul_(beta2).addcmul_(r, r, value=1 - beta2)
+        self._store_moments(state, m, v)
+        denom = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])  # not in place: v may be the stored state
+        return (m / (1 - beta1**step)).div_(denom)
+
+    def _uses_8bit(self, p_or_numel: Any) -> bool:
+        numel = p_or_numel if isinstance(p_or_numel, int) else p_or_numel.numel()
+        return self.eight_bit and numel >= MIN_8BIT_SIZE
+
+    def _load_moments(self, state: dict[str, Any], shape: torch.Size, device: torch.device) -> tuple[Tensor, Tensor]:
+        """fp32 working copies of (exp_avg, exp_avg_sq) of ``shape`` (zeros the first time)."""
+        numel = math.prod(shape)
+        if self._uses_8bit(numel):
+            if "exp_avg_q" not in state:
+                return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+            return (dequantize_state(state["exp_avg_q"], state["exp_avg_absmax"], signed=True).view(shape),
+                    dequantize_state(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False).view(shape))
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros(shape, device=device)
+            state["exp_avg_sq"] = torch.zeros(shape, device=device)
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def _store_moments(self, state: dict[str, Any], m: Tensor, v: Tensor) -> None:
+        if self._uses_8bit(m.numel()):
+            state["exp_avg_q"], state["exp_avg_absmax"] = quantize_state(m, signed=True)
+            state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_state(v, signed=False)
+        # fp32 moments were updated in place
+
+    def _reset_moments(self, state: dict[str, Any]) -> None:
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax",
+                    "moment_step"):
+            state.pop(key, None)
+
+    # ----- memory -----------------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of every tensor in the optimizer state (what ``state_dict`` would save)."""
+        total = 0
+        for state in self.state.values():
+            total += _tensor_bytes(state)
+        return total
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but every state tensor keeps its saved dtype (torch would cast fp32 moments and
+        uint8 codes to the parameter's dtype); tensors move to the parameter's device."""
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        for key, value in saved_state.items():
+            p = by_id[key]
+            self.state[p] = _to_device(value, p.device)
+        self._projectors.clear()
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device=device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def moment_bytes(numel: int, eight_bit: bool, dense_dtype_bytes: int = 4) -> int:
+    """Predicted bytes of the two Adam moments of ``numel`` elements (see ``MemKitOptimizer``)."""
+    if eight_bit and numel >= MIN_8BIT_SIZE:
+        return 2 * quantized_bytes(numel)
+    return 2 * numel * dense_dtype_bytes

@@ -1,0 +1,128 @@
+"""Rebuild the optimizer a LightningModule returned as a memkit optimizer, keeping its groups.
+
+:func:`read_optimizer` reads ``torch.optim.AdamW`` / ``torch.optim.Adam`` (without L2 weight decay,
+AMSGrad or maximize, which have no memkit equivalent) and refuses anything else with the reason.
+:func:`select_lowrank` picks the weights for the low-rank rule by module-name patterns.
+:func:`convert_optimizer` builds the new optimizer over the *same* param groups (same order, same
+learning rates, betas, eps, weight decay and every other key, e.g. ``initial_lr``), so LR schedulers
+can be re-pointed to it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_memkit.config import MemKitConfigError, OptimizerConfig
+from lightning_memkit.optim import OPTIMIZER_CLASSES
+from lightning_memkit.optim.eight_bit import BNB_OPTIMIZERS, bnb_optimizer
+
+#: keys of a torch Adam/AdamW group that carry no meaning for the rebuilt optimizer
+_TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad", "decoupled_weight_decay")
+
+
+def read_optimizer(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(param groups, defaults) of an AdamW/Adam optimizer, or MemKitConfigError saying why not."""
+    kind = type(optimizer)
+    if kind not in (torch.optim.AdamW, torch.optim.Adam):
+        raise MemKitConfigError(
+            f"memkit's optimizer setting rebuilds the optimizer configure_optimizers returned, but it cannot read "
+            f"{kind.__module__}.{kind.__name__}: the memkit optimizers are AdamW variants, and only torch.optim.AdamW "
+            "and torch.optim.Adam carry the same settings. Fix: return torch.optim.AdamW from configure_optimizers, "
+            "or set the strategy's optimizer to 'none'."
+        )
+    if optimizer.state:
+        raise MemKitConfigError("the optimizer to convert has already taken steps (its state is not empty); memkit "
+                                "converts it when fitting starts, before any step.")
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        where = f"{kind.__name__} param group {i}"
+        if group.get("amsgrad"):
+            raise MemKitConfigError(f"{where} uses amsgrad=True, which no memkit optimizer implements. Fix: amsgrad=False.")
+        if group.get("maximize"):
+            raise MemKitConfigError(f"{where} uses maximize=True, which no memkit optimizer implements. Fix: minimize.")
+        decoupled = kind is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
+        if group["weight_decay"] and not decoupled:
+            raise MemKitConfigError(
+                f"{where}: torch.optim.Adam with weight_decay={group['weight_decay']} adds L2 decay to the gradient; "
+                "memkit's optimizers decay weights decoupled (AdamW). Converting would change the training. Fix: "
+                "use torch.optim.AdamW (decoupled decay), or weight_decay=0."
+            )
+        if isinstance(group["lr"], Tensor) or isinstance(group["betas"][0], Tensor):
+            raise MemKitConfigError(f"{where}: tensor learning rates / betas are not supported. Fix: use floats.")
+        groups.append({k: v for k, v in group.items() if k not in _TORCH_ONLY_KEYS})
+    defaults = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    return groups, defaults
+
+
+def linear_weights_in_blocks(module: nn.Module) -> dict[str, nn.Module]:
+    """name -> nn.Linear for every linear layer inside the model's transformer blocks."""
+    from lightning_memkit.models.interface import find_blocks
+
+    blocks = find_blocks(module)
+    inside = {id(m) for block in blocks for m in block.modules()}
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) and id(m) in inside}
+
+
+def select_lowrank(module: nn.Module, patterns: Optional[tuple[str, ...]]) -> dict[Tensor, str]:
+    """param -> name of the 2-D weights that get the low-rank rule.
+
+    ``patterns=None``: the weights of every ``nn.Linear`` inside the transformer blocks (so embeddings,
+    the LM head, norms and biases stay dense, as in the papers). Otherwise the 2-D ``weight`` of every
+    module whose name matches a pattern (fnmatch); a pattern that matches none raises, listing
+    candidates.
+    """
+    if patterns is None:
+        chosen = linear_weights_in_blocks(module)
+        if not chosen:
+            raise MemKitConfigError(
+                "optimizer: found no nn.Linear inside transformer blocks to give the low-rank rule (no block list "
+                "recognized, or blocks without linear layers). Fix: name the modules with optimizer.target_modules, "
+                "e.g. ['*.q_proj', '*.fc*'], or declare the blocks with a memkit_blocks() method."
+            )
+        return {m.weight: f"{name}.weight" for name, m in chosen.items()}
+    candidates = {name: m for name, m in module.named_modules()
+                  if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.ndim == 2}
+    result: dict[Tensor, str] = {}
+    for pattern in patterns:
+        hits = [name for name in candidates if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            sample = ", ".join(list(candidates)[:8]) + (", ..." if len(candidates) > 8 else "")
+            raise MemKitConfigError(
+                f"optimizer.target_modules pattern {pattern!r} matches no module with a 2-D weight. Candidates: "
+                f"{sample}. Fix: a pattern such as '*{list(candidates)[0].rsplit('.', 1)[-1] if candidates else 'proj'}'."
+            )
+        for name in hits:
+            result[candidates[name].weight] = f"{name}.weight"
+    return result
+
+
+def convert_optimizer(optimizer: torch.optim.Optimizer, config: OptimizerConfig, lowrank: dict[Tensor, str],
+                      names: Optional[dict[Tensor, str]] = None) -> torch.optim.Optimizer:
+    """The memkit optimizer ``config.name`` over ``optimizer``'s param groups.
+
+    Args:
+        optimizer: what ``configure_optimizers`` returned.
+        config: the optimizer settings.
+        lowrank: param -> name of the weights that get the low-rank rule (those in this optimizer are used).
+        names: param -> name of every parameter, for messages.
+    """
+    groups, defaults = read_optimizer(optimizer)
+    params = {p for g in groups for p in g["params"]}
+    if config.name in BNB_OPTIMIZERS:
+        return bnb_optimizer(config.name, groups, **defaults)
+    cls = OPTIMIZER_CLASSES.get(config.name)
+    if cls is None:
+        raise MemKitConfigError(f"optimizer={config.name!r} has no optimizer class; use one of "
+                                f"{sorted([*OPTIMIZER_CLASSES, *BNB_OPTIMIZERS])}.")
+    kwargs = config.optimizer_kwargs()
+    if config.name != "adamw":
+        kwargs["lowrank_params"] = [p for p in lowrank if p in params]
+    all_names = {**(names or {}), **lowrank}
+    try:
+        return cls(groups, **defaults, names=all_names, **kwargs)
+    except ValueError as err:  # e.g. a rank larger than a chosen weight: name it at setup
+        raise MemKitConfigError(f"optimizer {config.name!r}: {err}") from None

@@ -1,0 +1,87 @@
+"""The ``optimizer`` technique: rebuild the user's optimizer as a memkit optimizer when fitting starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_memkit.config import MemKitConfigError, OptimizerConfig
+from lightning_memkit.techniques import Technique
+
+
+class OptimizerTechnique(Technique):
+    """Installed by ``MemKitStrategy(optimizer=...)``.
+
+    At setup it checks the Trainer (step-in-backward's incompatibilities), picks the low-rank weights
+    from the module (so a pattern that matches nothing fails before any optimizer exists), then
+    converts each optimizer ``configure_optimizers`` returned and, with ``in_backward``, wraps it so
+    that parameters update from their gradient hooks.
+    """
+
+    name = "optimizer"
+
+    def __init__(self, config: OptimizerConfig) -> None:
+        self.config = config
+        self.exact = config.name == "adamw"  # the others change the update (low rank, 8-bit states)
+        self._lowrank: dict[Tensor, str] = {}
+        self._names: dict[Tensor, str] = {}
+        self._wrapped: list[Any] = []
+
+    def describe(self) -> str:
+        extra = f", {len(self._lowrank)} low-rank weights" if self._lowrank else ""
+        return f"optimizer {self.config.name}{extra}" + (" (step in backward)" if self.config.in_backward else "")
+
+    def setup_trainer(self, trainer: Any) -> None:
+        if not self.config.in_backward:
+            return
+        from lightning_memkit.optim import OPTIMIZER_CLASSES
+        from lightning_memkit.optim.in_backward import incompatibility
+
+        cls = OPTIMIZER_CLASSES[self.config.name]
+        precision = str(getattr(trainer.precision_plugin, "precision", trainer.precision))
+        reason = incompatibility(
+            self.config.name, cls.accumulates_projected, accumulate_grad_batches=trainer.accumulate_grad_batches,
+            gradient_clip_val=trainer.gradient_clip_val, precision=precision, world_size=trainer.world_size,
+        )
+        if reason is not None:
+            raise MemKitConfigError(f"optimizer.in_backward=true cannot work here: {reason}")
+        module = trainer.lightning_module
+        if module is not None and not module.automatic_optimization:
+            raise MemKitConfigError(
+                "optimizer.in_backward=true needs Lightning's automatic optimization (the backward pass must run inside "
+                "optimizer.step(closure)); this module sets automatic_optimization=False. Fix: in_backward=false."
+            )
+
+    def setup_module(self, module: nn.Module) -> None:
+        from lightning_memkit.optim.convert import select_lowrank
+
+        self._names = {p: n for n, p in module.named_parameters()}
+        if self.config.name not in ("adamw", "adamw8bit", "paged_adamw8bit"):
+            self._lowrank = select_lowrank(module, self.config.target_modules)
+
+    def setup_optimizers(self, optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+        from lightning_memkit.optim.convert import convert_optimizer
+        from lightning_memkit.optim.in_backward import StepInBackward
+
+        if not optimizers:
+            raise MemKitConfigError("optimizer: configure_optimizers returned no optimizer to convert.")
+        new = []
+        for optimizer in optimizers:
+            converted = convert_optimizer(optimizer, self.config, self._lowrank, self._names)
+            if self.config.in_backward:
+                converted = StepInBackward(converted)
+                self._wrapped.append(converted)
+            new.append(converted)
+        return new
+
+    def teardown(self, module: nn.Module) -> None:
+        for wrapper in self._wrapped:
+            wrapper.remove_hooks()
+        self._wrapped = []
+
+    @property
+    def lowrank_names(self) -> list[str]:
+        """Names of the weights given the low-rank rule (after setup)."""
+        return sorted(self._lowrank.values())
