@@ -22,7 +22,7 @@ from typing import Optional, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_memkit.data.tokenizers import Tokenizer, load_tokenizer
 
@@ -226,9 +226,9 @@ class TextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
+            self.train_set, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(self.train_set), self.seed),
+            drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # workers' base seed; keeps the global RNG untouched
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -237,3 +237,28 @@ class TextDataModule(pl.LightningDataModule):
             self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles like ``DataLoader(shuffle=True, generator=Generator().manual_seed(seed))`` -- epoch e
+    gets the (e+1)-th permutation of that generator -- but computes it from the epoch number that
+    Lightning passes to ``set_epoch``, so a run resumed from a checkpoint at an epoch boundary sees
+    the same batches as the uninterrupted run."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # noqa: ANN204
+        g = torch.Generator().manual_seed(self.seed)
+        for epoch in range(self.epoch + 1):  # per epoch the DataLoader draws its workers' base seed, then
+            torch.empty((), dtype=torch.int64).random_(generator=g)  # RandomSampler draws a permutation
+            perm = torch.randperm(self.n, generator=g)  # and an empty tail (num_samples % n == 0)
+            if epoch < self.epoch:
+                torch.randperm(self.n, generator=g)
+        return iter(perm.tolist())

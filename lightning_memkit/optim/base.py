@@ -231,6 +231,7 @@ class MemKitOptimizer(torch.optim.Optimizer):
         for key, value in saved_state.items():
             p = by_id[key]
             self.state[p] = _to_device(value, p.device)
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}  # torch made new group dicts
         self._projectors.clear()
 
 

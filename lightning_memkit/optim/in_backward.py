@@ -111,6 +111,7 @@ class StepInBackward(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict)
+        self.param_groups = self.optimizer.param_groups  # torch's load makes new group dicts and a new state
         self.state = self.optimizer.state
 
     def state_bytes(self) -> int:

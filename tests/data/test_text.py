@@ -175,3 +175,22 @@ def test_sentencepiece_model_file(tmp_path):
     dm.setup()
     assert int(dm.train_set.tokens.max()) < 40
     assert "quick brown" in tok.decode(dm.train_set.tokens[:40].tolist())
+
+
+def test_epoch_shuffle_sampler_matches_a_seeded_shuffle_and_depends_on_the_epoch_only():
+    from torch.utils.data import DataLoader
+
+    from lightning_memkit.data.text import EpochShuffleSampler
+
+    data = list(range(23))
+    plain = DataLoader(data, batch_size=4, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(5))
+    sampler = EpochShuffleSampler(23, 5)
+    ours = DataLoader(data, batch_size=4, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(5))
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        orders.append([b.tolist() for b in ours])
+        assert orders[-1] == [b.tolist() for b in plain]
+    fresh = EpochShuffleSampler(23, 5)  # a resumed run: a new sampler told the epoch
+    fresh.set_epoch(2)
+    assert [b.tolist() for b in DataLoader(data, batch_size=4, sampler=fresh, drop_last=True)] == orders[2]
