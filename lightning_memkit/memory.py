@@ -256,6 +256,7 @@ def fake_training_step(
     checkpoint_every: Optional[int] = None,
     fused_cross_entropy: bool = False,
     warmup_steps: int = 1,
+    optimizer: Any = None,
 ) -> MemoryBreakdown:
     """Peak memory of one training step of a full-size reference model, measured on fake tensors.
 
@@ -272,6 +273,9 @@ def fake_training_step(
         checkpoint_every: None for no activation checkpointing, else checkpoint every k-th block.
         fused_cross_entropy: compute the loss with the chunked fused linear cross-entropy (no logits).
         warmup_steps: unmeasured steps before the measured one.
+        optimizer: a memkit ``optimizer=`` setting (e.g. ``{"name": "apollo_mini", "in_backward": True}``)
+            to convert the AdamW into, with the low-rank weights chosen as the strategy would; None:
+            torch AdamW. bitsandbytes' optimizers run compiled kernels and cannot run on fake tensors.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -288,10 +292,10 @@ def fake_training_step(
             torch.set_default_dtype(previous)
         if checkpoint_every is not None:
             apply_checkpointing(list(net.blocks), every=checkpoint_every)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=False)
+        opt = _planned_optimizer(net, optimizer)
         ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
 
-        def step() -> None:
+        def forward_backward() -> None:
             if fused_cross_entropy:
                 from lightning_memkit.loss import linear_cross_entropy
 
@@ -301,14 +305,39 @@ def fake_training_step(
                 logits = net(ids[:, :-1])
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+
+        def step() -> None:
+            if hasattr(opt, "remove_hooks"):  # step in backward: the backward runs inside step, as Lightning does it
+                opt.step(forward_backward)
+            else:
+                forward_backward()
+                opt.step()
+            opt.zero_grad(set_to_none=True)
 
         for _ in range(warmup_steps):  # creates the optimizer state; not measured
             step()
-        with StepMemoryTracker(net, [optimizer]) as tracker:
+        with StepMemoryTracker(net, [opt]) as tracker:
             step()
         result = tracker.result(step=warmup_steps)
     assert result is not None
     result.method = "MemTracker under FakeTensorMode (bytes of tensor storages; nothing allocated)"
     return result
+
+
+def _planned_optimizer(net: nn.Module, setting: Any) -> torch.optim.Optimizer:
+    """torch AdamW over ``net``, converted to the memkit ``optimizer=`` setting as the strategy would."""
+    from lightning_memkit.config import parse_optimizer
+
+    base = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=False)
+    config = parse_optimizer(setting)
+    if not config.enabled:
+        return base
+    if config.name in ("adamw8bit", "paged_adamw8bit"):
+        raise ValueError(f"optimizer {config.name!r} (bitsandbytes) cannot run on fake tensors; predict its state with "
+                         "lightning_memkit.optim.memory.predict_state_bytes instead.")
+    from lightning_memkit.optim.convert import convert_optimizer, select_lowrank
+    from lightning_memkit.optim.in_backward import StepInBackward
+
+    lowrank = {} if config.name == "adamw" else select_lowrank(net, config.target_modules)
+    converted = convert_optimizer(base, config, lowrank, {p: n for n, p in net.named_parameters()})
+    return StepInBackward(converted) if config.in_backward else converted

@@ -83,16 +83,28 @@ class Apollo(MemKitOptimizer):
             s = n.norm() / (r.norm() + 1e-8)
         else:
             raise ValueError(f"scale_type={group['scale_type']!r} is not one of {SCALE_TYPES}.")
-        update = grad.float() * s
+        # The update is G·s. Its norm comes from G's channel norms, and it is added with addcmul, so no
+        # full-size temporary is made (the embedding's gradient alone can be 1 GiB).
         gamma = group["norm_growth_limit"]
         if gamma:
-            norm = update.norm()
+            if s.ndim == 0:
+                norm = s * _fp32_norm(grad)
+            else:
+                norm = (s.square() * _fp32_norm(grad, dim=dim, keepdim=True).square()).sum().sqrt()
             if "last_update_norm" in state:
                 limiter = torch.clamp(norm / (state["last_update_norm"] + 1e-8), min=gamma) / gamma
-                update.div_(limiter)
+                s = s / limiter
                 norm = norm / limiter
             state["last_update_norm"] = norm
-        p.add_(update.to(p.dtype), alpha=-group["lr"] * math.sqrt(group["scale"]))
+        step = -group["lr"] * math.sqrt(group["scale"])
+        p.addcmul_(grad, s.to(grad.dtype) if grad.dtype != s.dtype else s, value=step)
+
+
+def _fp32_norm(t: Tensor, dim: Optional[int] = None, keepdim: bool = False) -> Tensor:
+    """The 2-norm of ``t`` (along ``dim``) accumulated in fp32 without an fp32 copy of ``t``."""
+    if dim is None:
+        return torch.linalg.vector_norm(t, dtype=torch.float32)
+    return torch.linalg.vector_norm(t, dim=dim, keepdim=keepdim, dtype=torch.float32)
 
 
 class ApolloMini(Apollo):

@@ -20,11 +20,13 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 import torch
 from torch import Tensor
 
-from lightning_memkit.optim.eight_bit import dequantize_state, quantize_state, quantized_bytes
+from lightning_memkit.optim.eight_bit import BLOCKSIZE, dequantize_state, quantize_state, quantized_bytes
 from lightning_memkit.optim.projectors import check_rank
 
 #: tensors with fewer elements keep fp32 moments in 8-bit mode (as bitsandbytes' min_8bit_size)
 MIN_8BIT_SIZE = 4096
+#: values per slice of a dense update (a multiple of the 8-bit block size)
+DENSE_CHUNK = 1 << 22
 
 
 class MemKitOptimizer(torch.optim.Optimizer):
@@ -150,26 +152,38 @@ class MemKitOptimizer(torch.optim.Optimizer):
 
     # ----- Adam pieces ------------------------------------------------------------------------------
     def _dense_update(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """AdamW on the full parameter (decay already applied)."""
+        """AdamW on the full parameter (decay already applied), in slices of :data:`DENSE_CHUNK` values so
+        that no temporary the size of a large weight (an embedding: 1-2 GiB) is made. The math is
+        element-wise, so slicing changes no value."""
         beta1, beta2 = group["betas"]
         step = state["step"]
-        if self._uses_8bit(p):
-            m, v = self._load_moments(state, p.shape, p.device)
-            g = grad.float()
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            self._store_moments(state, m, v)
-            denom = (v.sqrt_() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-            p.add_((m / denom).to(p.dtype), alpha=-group["lr"] / (1 - beta1**step))
-            return
-        if "exp_avg" not in state:  # the parameter's dtype, as torch.optim.AdamW
+        eight_bit = self._uses_8bit(p)
+        if not eight_bit and "exp_avg" not in state:  # the parameter's dtype, as torch.optim.AdamW
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-        p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**step))
+        if eight_bit and "exp_avg_q" not in state:
+            state["exp_avg_q"], state["exp_avg_absmax"] = quantize_state(torch.zeros(p.numel(), device=p.device), signed=True)
+            state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_state(
+                torch.zeros(p.numel(), device=p.device), signed=False)
+        flat_p, flat_g = p.view(-1), grad.reshape(-1)
+        bc2_sqrt, step_size = math.sqrt(1 - beta2**step), group["lr"] / (1 - beta1**step)
+        for a in range(0, p.numel(), DENSE_CHUNK):
+            b = min(p.numel(), a + DENSE_CHUNK)
+            g = flat_g[a:b]
+            if eight_bit:  # DENSE_CHUNK is a multiple of the quantization block: slices hold whole blocks
+                blocks = slice(a // BLOCKSIZE, -(-b // BLOCKSIZE))
+                m = dequantize_state(state["exp_avg_q"][a:b], state["exp_avg_absmax"][blocks], signed=True)
+                v = dequantize_state(state["exp_avg_sq_q"][a:b], state["exp_avg_sq_absmax"][blocks], signed=False)
+                g = g.float()
+            else:
+                m, v = state["exp_avg"].view(-1)[a:b], state["exp_avg_sq"].view(-1)[a:b]
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            if eight_bit:
+                state["exp_avg_q"][a:b], state["exp_avg_absmax"][blocks] = quantize_state(m, signed=True)
+                state["exp_avg_sq_q"][a:b], state["exp_avg_sq_absmax"][blocks] = quantize_state(v, signed=False)
+            denom = v.sqrt().div_(bc2_sqrt).add_(group["eps"])  # the values torch.optim.AdamW computes
+            flat_p[a:b].addcdiv_(m, denom, value=-step_size)
 
     def _adam_direction(self, r: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
         """Update the (fp32 or 8-bit) moments of the low-rank gradient ``r`` and return the bias-corrected

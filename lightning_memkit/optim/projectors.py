@@ -77,13 +77,21 @@ class _Projector:
         raise NotImplementedError
 
     def project(self, grad: Tensor) -> Tensor:
-        """R = Pᵀ G (left, r x n) or G P (right, m x r), in fp32."""
+        """R = Pᵀ G (left, r x n) or G P (right, m x r), returned in fp32.
+
+        A bf16/fp16 gradient is multiplied in its own dtype (the basis is cast to it; the product
+        accumulates in fp32 and only the small r x n result is rounded), so no fp32 copy of the full
+        gradient is made -- for a 128256 x 4096 embedding that copy would be 2 GiB.
+        """
         p = self.basis(grad.device)
-        g = grad.float()
+        if grad.dtype in (torch.bfloat16, torch.float16):
+            p = p.to(grad.dtype)
+        elif grad.dtype != torch.float32:
+            grad = grad.float()
         if self.side == "left":
-            return p.t() @ g
+            return (p.t() @ grad).float()
         if self.side == "right":
-            return g @ p
+            return (grad @ p).float()
         raise ValueError(f"unknown projector side {self.side!r}; expected one of {SIDES}")
 
     def project_back(self, low_rank: Tensor) -> Tensor:

@@ -217,3 +217,14 @@ def test_random_projector_basis_depends_only_on_seed_and_refresh():
     assert torch.equal(a.basis(torch.device("cpu")), b.basis(torch.device("cpu")))
     b.refresh(None, 5)
     assert not torch.equal(a.basis(torch.device("cpu")), b.basis(torch.device("cpu")))
+
+
+def test_dense_updates_in_slices_change_no_value(monkeypatch):
+    import lightning_memkit.optim.base as base
+
+    grads = _grads((33, 129), steps=3)  # 4257 values: >= 4096, so 8-bit moments
+    whole = [_run(AdamW, (33, 129), grads)[0], _run(GaLoreAdamW8bit, (33, 129), grads, rank=2, lowrank_params=[])[0]]
+    monkeypatch.setattr(base, "DENSE_CHUNK", 1024)  # five slices, whole 8-bit blocks each
+    sliced = [_run(AdamW, (33, 129), grads)[0], _run(GaLoreAdamW8bit, (33, 129), grads, rank=2, lowrank_params=[])[0]]
+    for a, b in zip(whole, sliced):
+        assert torch.equal(a, b)

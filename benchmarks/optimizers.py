@@ -1,0 +1,199 @@
+"""Memory and speed of memkit's optimizers.
+
+1. Optimizer-state bytes for the Llama-3-8B shape (8.03B parameters), per optimizer, against torch
+   AdamW with fp32 states (fp32 master weights), from the parameter shapes
+   (``lightning_memkit.optim.memory.predict_state_bytes``; the tests check the prediction equals the
+   bytes of real optimizers exactly). Default low-rank weights: the linear layers of the blocks.
+2. Peak memory of a full-parameter Llama-3-8B training step at sequence 4096 (bf16, batch 1),
+   measured on fake tensors (``lightning_memkit.memory.fake_training_step``).
+3. CPU time of ``optimizer.step()`` per optimizer, as a ratio to torch AdamW, in one run: the
+   parameters of a 45M-parameter Llama shape with fixed gradients, the optimizers taking turns,
+   best of --repeats.
+
+    python benchmarks/optimizers.py [--skip-peak] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lightning_memkit.config import OptimizerConfig
+from lightning_memkit.memory import GIB, format_table
+
+NAMES = ["none", "adamw8bit", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal"]
+LABEL = {"none": "torch AdamW (fp32 states)"}
+
+
+def state_table() -> None:
+    from lightning_memkit.models.llama import Transformer, get_config
+    from lightning_memkit.optim.convert import select_lowrank
+    from lightning_memkit.optim.memory import predict_state_bytes
+
+    with torch.device("meta"):
+        model = Transformer(get_config("llama-3-8b"))
+    params = [(n, tuple(p.shape), torch.float32) for n, p in model.named_parameters()]
+    lowrank = set(select_lowrank(model, None).values())
+    total = sum(p.numel() for p in model.parameters())
+    base = predict_state_bytes(params, OptimizerConfig())
+    rows = []
+    for name in NAMES:
+        for cfg in _variants(name):
+            b = predict_state_bytes(params, cfg, lowrank)
+            settings = ", ".join(f"{k}={v}" for k, v in cfg.optimizer_kwargs().items())
+            rows.append((LABEL.get(name, name), settings or "defaults", f"{b / GIB:.2f}", f"{100 * b / base:.1f}%"))
+    print(f"Optimizer state, Llama-3-8B shape ({total / 1e9:.2f}B parameters, {len(lowrank)} low-rank weights: the "
+          "linear layers of the blocks; embeddings, head and norms on AdamW)")
+    print(format_table(rows, ("optimizer", "settings", "state GiB", "vs AdamW")))
+    all_2d = {n for n, shape, _ in params if len(shape) == 2}
+    mini_all = predict_state_bytes(params, OptimizerConfig(name="apollo_mini", target_modules=("*",)), all_2d)
+    print(f"apollo_mini on every 2-D weight (embeddings and head too): {mini_all / GIB:.3f} GiB = "
+          f"{100 * mini_all / base:.3f}% of AdamW's")
+
+
+def _variants(name: str) -> list[OptimizerConfig]:
+    if name == "galore_adamw8bit":
+        return [OptimizerConfig(name=name, rank=128), OptimizerConfig(name=name, rank=512)]
+    return [OptimizerConfig(name=name)]
+
+
+PEAK_CASES = [
+    ("torch AdamW, checkpointing, fused CE", None),
+    ("apollo_mini, checkpointing, fused CE", {"name": "apollo_mini"}),
+    ("apollo_mini + step in backward, checkpointing, fused CE", {"name": "apollo_mini", "in_backward": True}),
+    ("  ... with apollo_mini on every 2-D weight (target_modules=['*'])",
+     {"name": "apollo_mini", "in_backward": True, "target_modules": ["*"]}),
+    ("galore_adamw8bit + step in backward, checkpointing, fused CE", {"name": "galore_adamw8bit", "in_backward": True}),
+]
+
+
+def peak_table() -> None:
+    from lightning_memkit.memory import fake_training_step
+
+    rows = []
+    for label, setting in PEAK_CASES:
+        r = fake_training_step("llama-3-8b", seq_len=4096, checkpoint_every=1, fused_cross_entropy=True,
+                               optimizer=setting)
+        c = r.by_category
+        rows.append((label, f"{r.peak / GIB:.2f}", f"{c['parameters'] / GIB:.2f}", f"{c['gradients'] / GIB:.2f}",
+                     f"{c['optimizer_state'] / GIB:.2f}", f"{(c['activations'] + c['temporaries']) / GIB:.2f}"))
+    print("\nPeak of one full-parameter Llama-3-8B step, seq 4096, batch 1, bf16 weights (fake tensors, MemTracker)")
+    print(format_table(rows, ("configuration", "peak GiB", "weights", "grads", "opt state", "activations+temp")))
+
+
+def _cpu_shape():  # noqa: ANN202
+    from lightning_memkit.models.llama import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1536)
+
+
+def cpu_times(repeats: int) -> None:
+    from lightning_memkit.models.llama import Transformer, get_config
+    from lightning_memkit.optim.convert import convert_optimizer, select_lowrank
+
+    torch.manual_seed(0)
+    model = Transformer(_cpu_shape())
+    grads = {p: torch.randn_like(p) * 1e-3 for p in model.parameters()}
+    lowrank = select_lowrank(model, None)
+    opts = {}
+    for name in NAMES:
+        base = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        rank = {"rank": 32} if name in ("galore_adamw", "galore_adamw8bit", "apollo", "frugal") else {}
+        opts[name] = base if name == "none" else convert_optimizer(base, OptimizerConfig(name=name, **rank), lowrank, {})
+    best: dict[str, list[float]] = {n: [] for n in NAMES}
+    for _ in range(repeats + 1):  # the first round creates the states (and SVDs): not counted
+        for name, opt in opts.items():
+            for p in model.parameters():
+                p.grad = grads[p].clone()
+            start = time.perf_counter()
+            opt.step()
+            best[name].append(time.perf_counter() - start)
+    base = min(best["none"][1:])
+    rows = [(LABEL.get(n, n), f"{1e3 * min(t[1:]):.1f}", f"{1e3 * statistics.median(t[1:]):.1f}",
+             f"{min(t[1:]) / base:.2f}x") for n, t in best.items()]
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\nCPU optimizer.step() time, a {n_params / 1e6:.1f}M-parameter Llama shape (dim 512, 4 layers, vocab 32000; "
+          "rank 32, APOLLO-Mini 1), "
+          f"best of {repeats} ({torch.get_num_threads()} threads); SVD refreshes (every 200 steps) not included")
+    print(format_table(rows, ("optimizer", "best ms", "median ms", "vs torch AdamW")))
+
+
+def cuda_check(repeats: int) -> None:
+    """One step of each memkit optimizer on CUDA equals the CPU step (fp32), and step times on the GPU
+    (Llama-3.2-1B-shaped parameters, bf16), as ratios to torch AdamW. Called from cuda_check.py."""
+    from lightning_memkit.models.llama import Transformer, get_config
+    from lightning_memkit.optim.convert import convert_optimizer, select_lowrank
+
+    names = ["galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal", "adamw"]
+    torch.manual_seed(0)
+    cpu = Transformer(get_config("small"))
+    gpu = Transformer(get_config("small")).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    rows = []
+    for name in names:
+        try:
+            diffs = []
+            for steps in (3,):
+                results = []
+                for model in (cpu, gpu):
+                    m = Transformer(get_config("small")).to(next(model.parameters()).device)
+                    m.load_state_dict(cpu.state_dict())
+                    opt = convert_optimizer(torch.optim.AdamW(m.parameters(), lr=1e-3),
+                                            OptimizerConfig(name=name, **({"rank": 16} if name != "adamw" and
+                                                                           name != "apollo_mini" else {})),
+                                            select_lowrank(m, None), {})
+                    g = torch.Generator().manual_seed(1)
+                    for _ in range(steps):
+                        for p in m.parameters():
+                            p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(p.device)
+                        opt.step()
+                    results.append([p.detach().cpu() for p in m.parameters()])
+                diffs.append(max((a - b).abs().max().item() for a, b in zip(*results)))
+            rows.append((name, f"{max(diffs):.2e}", "ok" if max(diffs) < 1e-4 else "MISMATCH"))
+        except Exception as err:  # report and go on: this runs once on a lent GPU
+            rows.append((name, "error", repr(err)[:80]))
+    print("\nmemkit optimizers on CUDA vs CPU, 'small' model, 3 steps, fp32: largest parameter difference")
+    print(format_table(rows, ("optimizer", "max |diff|", "verdict")))
+
+    with torch.device("cuda"):
+        model = Transformer(get_config("llama-3.2-1b")).to(torch.bfloat16)
+    lowrank = select_lowrank(model, None)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    times = {}
+    for name in ["none", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal", "adamw"]:
+        base = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        opt = base if name == "none" else convert_optimizer(base, OptimizerConfig(name=name), lowrank, {})
+        opt.step()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            opt.step()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - start)
+        times[name] = statistics.median(ts)
+        del opt, base
+        torch.cuda.empty_cache()
+    rows = [(LABEL.get(n, n).replace(" (fp32 states)", " (foreach)"), f"{1e3 * t:.1f}", f"{t / times['none']:.2f}x")
+            for n, t in times.items()]
+    print(f"\nCUDA optimizer.step() time, Llama-3.2-1B shape, bf16, median of {repeats} ({torch.cuda.get_device_name()})")
+    print(format_table(rows, ("optimizer", "ms", "vs torch AdamW")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-peak", action="store_true", help="skip the fake-tensor 8B steps (~25 s each)")
+    args = parser.parse_args()
+    state_table()
+    if not args.skip_peak:
+        peak_table()
+    cpu_times(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
