@@ -98,3 +98,26 @@ def test_console_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation perplexity: first evaluation" in proc.stdout + proc.stderr
     assert "MemoryReport" in proc.stdout + proc.stderr
+
+
+def test_optimizer_from_the_recipe(tmp_path):
+    from lightning_memkit.optim import StepInBackward
+
+    recipe = tmp_path / "galore.yaml"
+    recipe.write_text(open(RECIPE).read().replace(
+        "      cross_entropy: fused",
+        "      optimizer: {name: galore_adamw8bit, rank: 8, update_gap: 2, in_backward: true,\n"
+        "                  target_modules: ['*.mlp.*', '*.attn.*']}\n      cross_entropy: fused"))
+    cli = MemKitCLI(args=["--config", str(recipe), *fast_overrides(tmp_path)], run=False)
+    config = cli.trainer.strategy.optimizer_config
+    assert (config.name, config.rank, config.target_modules) == ("galore_adamw8bit", 8, ("*.mlp.*", "*.attn.*"))
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert isinstance(cli.trainer.optimizers[0], StepInBackward)
+    assert cli.trainer.global_step == 3
+
+
+def test_unknown_optimizer_in_recipe(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(open(RECIPE).read().replace("      cross_entropy: fused", "      optimizer: galore\n      cross_entropy: fused"))
+    with pytest.raises(ValueError, match="optimizer='galore' is not a known name.*'galore_adamw'"):
+        MemKitCLI(args=["--config", str(recipe)], run=False)
