@@ -128,7 +128,8 @@ def cuda_check(repeats: int) -> None:
     The gradients have well-separated singular values (σ_i = 2^-i): with random Gaussian gradients the
     top singular subspaces are near-degenerate and CPU and CUDA SVDs legitimately pick different ones.
     FRUGAL is compared with ``state_free="sgd"``: signSGD's sign of a residual entry near 0 can differ
-    between devices by rounding. And Adam's eps is 0.01 here: with 1e-8 the first steps' direction
+    between devices by rounding. Random bases (APOLLO) are drawn by each device's own generator, so the
+    CPU run here is given the CUDA draws. And Adam's eps is 0.01 here: with 1e-8 the first steps' direction
     m/√v is sign-like, so an entry of the projected gradient near 0 turns a rounding difference
     between the devices' SVDs into a full ±lr difference."""
     from lightning_memkit.models.llama import Transformer, get_config
@@ -146,11 +147,19 @@ def cuda_check(repeats: int) -> None:
              ("apollo_mini", {}), ("frugal", {"rank": 16, "state_free": "sgd"}), ("adamw", {})]
     torch.manual_seed(0)
     reference = Transformer(get_config("small")).state_dict()
+    from lightning_memkit.optim.projectors import RandomProjector
+
+    draw = RandomProjector.basis
+
+    def cuda_draw(self, device):  # noqa: ANN001, ANN202
+        return draw(self, torch.device("cuda")).to(device)  # the CPU run uses the CUDA generator's bases
+
     rows = []
     for name, settings in cases:
         try:
             results = []
             for device in ("cpu", "cuda"):
+                RandomProjector.basis = cuda_draw if device == "cpu" else draw
                 m = Transformer(get_config("small")).to(device)
                 m.load_state_dict(reference)
                 opt = convert_optimizer(torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-2),
@@ -165,6 +174,8 @@ def cuda_check(repeats: int) -> None:
             rows.append((name, f"{diff:.2e}", "ok" if diff < 1e-5 else "MISMATCH"))
         except Exception as err:  # report and go on: this runs once on a lent GPU
             rows.append((name, "error", repr(err)[:80]))
+        finally:
+            RandomProjector.basis = draw
     print("\nmemkit optimizers on CUDA vs CPU, 'small' model, 3 steps, fp32: largest parameter difference")
     print(format_table(rows, ("optimizer", "max |diff|", "verdict")))
 

@@ -253,6 +253,8 @@ def _repoint_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None
     LR schedulers mark the optimizer they are built on, so their "step order" check keeps working.
     """
     scheduler.optimizer = optimizer
+    for child in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
+        _repoint_scheduler(child, optimizer)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     step = optimizer.step

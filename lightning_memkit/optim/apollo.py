@@ -1,8 +1,8 @@
 """APOLLO and APOLLO-Mini: AdamW's per-channel learning-rate scaling, estimated in a random subspace.
 
 For a low-rank weight with gradient G (m x n): R = Pᵀ G (or G P) with a seeded Gaussian basis P
-(:class:`~lightning_memkit.optim.projectors.RandomProjector`, entries N(0, 1/r), remade every
-``update_gap`` steps from the seed, never stored); Adam moments of R give the direction
+(:class:`~lightning_memkit.optim.projectors.RandomProjector`, entries N(0, 1/r), a new one every
+``update_gap`` steps, drawn from the seed on the parameter's device at each step, never stored); Adam moments of R give the direction
 R̃ = m̂ / (√v̂ + ε). The update is the *full-rank* gradient scaled:
 
 - channel-wise (APOLLO): s_j = ‖R̃[:, j]‖ / (‖R[:, j]‖ + 1e-8) for each channel j of the kept
@@ -75,6 +75,7 @@ class Apollo(MemKitOptimizer):
         if proj.due(state["step"] - 1):
             proj.refresh(None, state["step"] - 1)
         r = proj.project(grad)
+        proj.release()  # the update scales the full gradient: the basis is no longer needed
         n = self._adam_direction(r, group, state)
         if group["scale_type"] == "channel":
             dim = 0 if proj.side == "left" else 1  # norms over the projected dimension: one per kept channel

@@ -68,26 +68,35 @@ class MemKitOptimizer(torch.optim.Optimizer):
             raise ValueError(f"eps={eps!r} must be >= 0.")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lowrank=True,
                         **technique_defaults)
-        super().__init__(params, defaults)
         self.eight_bit = eight_bit
         self._names = dict(names or {})
         self._group_of: dict[Tensor, dict[str, Any]] = {}
         self._index: dict[Tensor, int] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._group_of[p] = group
-                self._index[p] = len(self._index)
-        if lowrank_params is None:
-            chosen = [p for g in self.param_groups if g["lowrank"] for p in g["params"] if p.ndim == 2]
-        else:
+        self._lowrank: set[Tensor] = set()
+        self._auto_lowrank = lowrank_params is None
+        self._projectors: dict[Tensor, Any] = {}
+        super().__init__(params, defaults)  # calls add_param_group for each group
+        if lowrank_params is not None:
             chosen = list(lowrank_params)
             stray = [self.param_name(p) for p in chosen if p not in self._group_of]
             if stray:
                 raise ValueError(f"lowrank_params contains parameters that are not in the optimizer: {stray[:5]}")
-        self._lowrank = set(chosen)
-        for p in chosen:
-            self._check_lowrank(p, self._group_of[p])
-        self._projectors: dict[Tensor, Any] = {}
+            for p in chosen:
+                self._check_lowrank(p, self._group_of[p])
+            self._lowrank = set(chosen)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's; the new parameters are dense, or low-rank (2-D ones) when the optimizer was built
+        without ``lowrank_params`` and the group's ``"lowrank"`` is true (e.g. Lightning's
+        ``BaseFinetuning.unfreeze_and_add_param_group``)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            self._group_of[p] = group
+            self._index[p] = len(self._index)
+            if self._auto_lowrank and group["lowrank"] and p.ndim == 2:
+                self._check_lowrank(p, group)
+                self._lowrank.add(p)
 
     # ----- bookkeeping ------------------------------------------------------------------------------
     def param_name(self, p: Tensor) -> str:
@@ -165,8 +174,12 @@ class MemKitOptimizer(torch.optim.Optimizer):
             state["exp_avg_q"], state["exp_avg_absmax"] = quantize_state(torch.zeros(p.numel(), device=p.device), signed=True)
             state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_state(
                 torch.zeros(p.numel(), device=p.device), signed=False)
-        flat_p, flat_g = p.view(-1), grad.reshape(-1)
         bc2_sqrt, step_size = math.sqrt(1 - beta2**step), group["lr"] / (1 - beta1**step)
+        if not (p.is_contiguous() and (eight_bit or state["exp_avg"].is_contiguous())):
+            # transposed or channels-last weights: one whole-tensor pass (no flat views to slice)
+            self._dense_whole(p, grad, group, state, eight_bit, bc2_sqrt, step_size)
+            return
+        flat_p, flat_g = p.view(-1), grad.reshape(-1)
         for a in range(0, p.numel(), DENSE_CHUNK):
             b = min(p.numel(), a + DENSE_CHUNK)
             g = flat_g[a:b]
@@ -184,6 +197,22 @@ class MemKitOptimizer(torch.optim.Optimizer):
                 state["exp_avg_sq_q"][a:b], state["exp_avg_sq_absmax"][blocks] = quantize_state(v, signed=False)
             denom = v.sqrt().div_(bc2_sqrt).add_(group["eps"])  # the values torch.optim.AdamW computes
             flat_p[a:b].addcdiv_(m, denom, value=-step_size)
+
+    def _dense_whole(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any], eight_bit: bool,
+                     bc2_sqrt: float, step_size: float) -> None:
+        beta1, beta2 = group["betas"]
+        if eight_bit:
+            m = dequantize_state(state["exp_avg_q"], state["exp_avg_absmax"], signed=True).view(p.shape)
+            v = dequantize_state(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False).view(p.shape)
+            grad = grad.float()
+        else:
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if eight_bit:
+            state["exp_avg_q"], state["exp_avg_absmax"] = quantize_state(m, signed=True)
+            state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_state(v, signed=False)
+        p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(group["eps"]), value=-step_size)
 
     def _adam_direction(self, r: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
         """Update the (fp32 or 8-bit) moments of the low-rank gradient ``r`` and return the bias-corrected

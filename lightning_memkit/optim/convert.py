@@ -3,9 +3,10 @@
 :func:`read_optimizer` reads ``torch.optim.AdamW`` / ``torch.optim.Adam`` (without L2 weight decay,
 AMSGrad or maximize, which have no memkit equivalent) and refuses anything else with the reason.
 :func:`select_lowrank` picks the weights for the low-rank rule by module-name patterns.
-:func:`convert_optimizer` builds the new optimizer over the *same* param groups (same order, same
-learning rates, betas, eps, weight decay and every other key, e.g. ``initial_lr``), so LR schedulers
-can be re-pointed to it.
+:func:`convert_optimizer` builds the new optimizer over the *same* param group dicts (same order,
+learning rates, betas, eps, weight decay and every other key, e.g. ``initial_lr``; the keys only
+torch's Adam has are removed), so every LR scheduler built on the old optimizer -- nested ones such
+as ``SequentialLR``'s children included -- keeps setting the learning rates the new one reads.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def read_optimizer(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any
             )
         if isinstance(group["lr"], Tensor) or isinstance(group["betas"][0], Tensor):
             raise MemKitConfigError(f"{where}: tensor learning rates / betas are not supported. Fix: use floats.")
-        groups.append({k: v for k, v in group.items() if k not in _TORCH_ONLY_KEYS})
+        for key in _TORCH_ONLY_KEYS:  # in place: the new optimizer takes over these very group dicts, so every
+            group.pop(key, None)       # scheduler (SequentialLR's children too) keeps driving its learning rate
+        groups.append(group)
     defaults = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
     return groups, defaults
 

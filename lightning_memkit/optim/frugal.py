@@ -84,6 +84,8 @@ class Frugal(MemKitOptimizer):
         r = proj.project(g)
         full = proj.project_back(self._adam_direction(r, group, state))
         residual = g - proj.project_back(r)  # g may be the gradient itself: not in place
+        if isinstance(proj, RandomProjector):
+            proj.release()
         if group["state_free"] == "signsgd":
             residual.sign_()
         elif group["state_free"] != "sgd":

@@ -60,8 +60,13 @@ class GaLoreAdamW(MemKitOptimizer):
 
     def _projected_update(self, p: Tensor, r: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         n = self._adam_direction(r, group, state)
-        update = self.projector(p).project_back(n)
-        p.add_(update.to(p.dtype), alpha=-group["lr"] * group["scale"])
+        proj = self.projector(p)
+        basis = proj.basis(p.device).to(p.dtype)
+        # W -= lr·α·(P N) (or N Pᵀ) as one addmm_ in W's dtype: no m x n temporary
+        if proj.side == "left":
+            p.addmm_(basis, n.to(p.dtype), alpha=-group["lr"] * group["scale"])
+        else:
+            p.addmm_(n.to(p.dtype), basis.t(), alpha=-group["lr"] * group["scale"])
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):

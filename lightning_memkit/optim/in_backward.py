@@ -54,6 +54,15 @@ class StepInBackward(torch.optim.Optimizer):
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook)
                        for g in self.param_groups for p in g["params"] if p.requires_grad]
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add the group to the wrapped optimizer and hook its parameters (during ``__init__`` torch
+        calls this for the placeholder group: that one is ignored)."""
+        if not hasattr(self, "optimizer"):
+            return super().add_param_group(param_group)
+        self.optimizer.add_param_group(param_group)
+        self._hooks += [p.register_post_accumulate_grad_hook(self._hook)
+                        for p in self.param_groups[-1]["params"] if p.requires_grad]
+
     # ----- hooks ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:

@@ -12,9 +12,9 @@ gradient R has shape (r, n) when m <= n ("left": R = Pᵀ G with P (m, r)) and (
   recomputed every ``update_gap`` steps. The SVD is made robust: a failed or non-finite
   decomposition is retried in float64, then with a tiny jitter; if all fail the previous basis is
   kept (and a warning says so); with no previous basis it raises -- never a silent zero update.
-- :class:`RandomProjector` (APOLLO, FRUGAL "random"): P is drawn from a seeded generator,
-  entries N(0, 1/r) (``orthonormal=True``: the Q factor of such a draw), regenerated from
-  (seed, refresh count) on every use and never stored.
+- :class:`RandomProjector` (APOLLO, FRUGAL "random"): P is drawn from a seeded generator on the
+  parameter's device, entries N(0, 1/r) (``orthonormal=True``: the Q factor of such a draw),
+  regenerated from (seed, refresh count) at every step and never kept between steps.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ def robust_svd_basis(grad: Tensor, rank: int, side: str) -> Tensor | None:
     for attempt in attempts:
         try:
             u, _, vh = torch.linalg.svd(attempt(), full_matrices=False)
-        except (torch.linalg.LinAlgError, RuntimeError):
+        except torch.OutOfMemoryError:
+            raise  # retrying in float64 would need more memory; let the caller see it
+        except (torch.linalg.LinAlgError, RuntimeError):  # no convergence (CPU); solver errors (CUDA)
             continue
         if side not in SIDES:
             raise ValueError(f"unknown projector side {side!r}; expected one of {SIDES}")
@@ -166,10 +168,14 @@ def projection_seed(base_seed: int, index: int, refresh: int) -> int:
 
 
 class RandomProjector(_Projector):
-    """APOLLO's projector: a seeded Gaussian basis, N(0, 1/rank) entries, regenerated on each use.
+    """APOLLO's projector: a seeded Gaussian basis, N(0, 1/rank) entries, regenerated on each step.
 
-    The state holds ``seed`` (an int) and ``refreshes``; the basis itself is never stored.
-    ``orthonormal=True`` takes the Q factor of the draw instead (FRUGAL needs P Pᵀ to be a projection).
+    The state holds ``seed`` (an int) and ``refreshes``; the basis is drawn from
+    (seed, refresh count) by a generator on the parameter's device whenever a step needs it, kept
+    only until :meth:`release` (the end of that step), and never stored: no memory between steps,
+    and on a GPU the draw costs microseconds. CPU and CUDA generators differ, so the two devices
+    draw different (each reproducible) bases. ``orthonormal=True`` takes the Q factor of the draw
+    (FRUGAL needs P Pᵀ to be a projection).
     """
 
     def __init__(self, state: dict[str, Any], shape: tuple[int, ...], rank: int, update_gap: int, seed: int,
@@ -183,16 +189,19 @@ class RandomProjector(_Projector):
     def refresh(self, grad: Tensor | None, step: int, name: str = "weight") -> None:
         """Move to the next seeded basis (the gradient is not used)."""
         self.mark_refreshed(step)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the basis drawn for this step."""
         self._cache = None
 
     def basis(self, device: torch.device) -> Tensor:
         key = self.state["refreshes"]
         if self._cache is not None and self._cache[0] == key and self._cache[1] == device:
             return self._cache[2]
-        gen = torch.Generator().manual_seed(projection_seed(self.state["seed"], 0, key))
-        p = torch.randn(self.rows, self.rank, generator=gen) / math.sqrt(self.rank)  # drawn on CPU: same on any device
+        gen = torch.Generator(device=device).manual_seed(projection_seed(self.state["seed"], 0, key))
+        p = torch.randn(self.rows, self.rank, generator=gen, device=device).div_(math.sqrt(self.rank))
         if self.orthonormal:
             p = torch.linalg.qr(p).Q
-        p = p.to(device)
         self._cache = (key, device, p)
         return p

@@ -228,3 +228,31 @@ def test_dense_updates_in_slices_change_no_value(monkeypatch):
     sliced = [_run(AdamW, (33, 129), grads)[0], _run(GaLoreAdamW8bit, (33, 129), grads, rank=2, lowrank_params=[])[0]]
     for a, b in zip(whole, sliced):
         assert torch.equal(a, b)
+
+
+def test_svd_out_of_memory_is_not_retried(monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.linalg, "svd", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        robust_svd_basis(torch.randn(6, 10), 2, "left")
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)], ids=["left", "right"])
+def test_frugal_random_projection_is_orthonormal_and_matches_reference(shape):
+    rank = 2
+    grads = _grads(shape, steps=2)
+    got, opt, param = _run(Frugal, shape, grads, rank=rank, update_gap=10, proj="random", state_free="sgd", seed=3)
+    p = opt.projector(param).basis(torch.device("cpu"))
+    torch.testing.assert_close(p.t() @ p, torch.eye(rank), atol=1e-5, rtol=0)
+    left = shape[0] <= shape[1]
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    m = v = 0
+    for t, g in enumerate(grads, 1):
+        r = p.t() @ g if left else g @ p
+        n, m, v = _adam(r, m, v, t)
+        full = p @ n if left else n @ p.t()
+        resid = g - (p @ r if left else r @ p.t())
+        w = w * (1 - LR * WD) - LR * (full + resid)
+    torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
