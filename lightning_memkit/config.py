@@ -81,13 +81,22 @@ def _from_mapping(cls: type, key: str, mapping: Mapping[str, Any]) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 #: Checkpointing policies. "none": every activation is kept. "blocks": transformer blocks are
-#: recomputed in the backward pass (exact: gradients equal the plain run).
-CHECKPOINT_POLICIES = ("none", "blocks")
+#: recomputed in the backward pass. "selective": inside each block the outputs of matrix products
+#: (and attention) are kept and only the cheap element-wise ops are recomputed. Both exact.
+CHECKPOINT_POLICIES = ("none", "blocks", "selective")
+#: Saved-activation compression: "int8" (Mesa: per-channel / per-head scales), "fp8" (COAT: e4m3,
+#: per-group scales for linear inputs, per-tensor elsewhere). Approximate.
+COMPRESS_MODES = ("none", "int8", "fp8")
+SCALE_MODES = ("exact", "running")
 
 #: Short strings accepted for the whole ``activations`` setting, and what each means.
 ACTIVATIONS_SHORTHANDS: dict[str, dict[str, Any]] = {
     "none": {},
     "checkpoint": {"checkpoint": "blocks"},
+    "selective": {"checkpoint": "selective"},
+    "int8": {"compress": "int8"},
+    "fp8": {"compress": "fp8"},
+    "offload": {"offload": True},
 }
 
 
@@ -98,21 +107,64 @@ class ActivationsConfig:
     Attributes:
         checkpoint: policy name, one of :data:`CHECKPOINT_POLICIES`. ``"blocks"`` wraps the forward
             of the model's transformer blocks in non-reentrant ``torch.utils.checkpoint``: only each
-            block's input is kept and the block is recomputed in the backward pass. Exact.
+            block's input is kept and the block is recomputed in the backward pass. ``"selective"``
+            keeps matrix-product and attention outputs and recomputes the element-wise ops. Exact.
         checkpoint_every: with ``checkpoint="blocks"``, checkpoint blocks ``0, k, 2k, ...`` for
             ``k = checkpoint_every`` (1: every block). A larger ``k`` trades memory for less recompute.
+        compress: one of :data:`COMPRESS_MODES`: what the chosen modules save is kept in 8 bits.
+        scales: ``"exact"`` (each tensor's absmax) or ``"running"`` (Mesa's running estimates; int8).
+        offload: keep what the chosen modules save (compressed or not; with ``checkpoint="blocks"``,
+            the blocks' inputs) in pinned host memory, on CUDA.
+        modules: module-name patterns (fnmatch over ``named_modules()``) whose saved tensors are
+            compressed / offloaded; None: the transformer blocks.
+        min_numel: tensors with fewer values are never compressed or offloaded.
     """
 
     checkpoint: str = "none"
     checkpoint_every: int = 1
+    compress: str = "none"
+    scales: str = "exact"
+    offload: bool = False
+    modules: Optional[tuple[str, ...]] = None
+    min_numel: int = 4096
 
     def __post_init__(self) -> None:
         check_choice("activations.checkpoint", self.checkpoint, CHECKPOINT_POLICIES)
         check_int("activations.checkpoint_every", self.checkpoint_every, minimum=1)
+        check_choice("activations.compress", self.compress, COMPRESS_MODES)
+        check_choice("activations.scales", self.scales, SCALE_MODES)
+        check_int("activations.min_numel", self.min_numel, minimum=1)
+        if not isinstance(self.offload, bool):
+            raise MemKitConfigError(f"activations.offload={self.offload!r} has type {type(self.offload).__name__}. "
+                                    "Fix: true or false.")
+        if self.compress == "fp8":
+            import torch
+
+            if not hasattr(torch, "float8_e4m3fn"):
+                raise MemKitConfigError(
+                    f"activations.compress='fp8' needs torch's float8 dtypes, which torch {torch.__version__} lacks. "
+                    "Fix: use compress='int8', or torch >= 2.1."
+                )
+        if self.scales == "running" and self.compress != "int8":
+            raise MemKitConfigError(f"activations.scales='running' applies to compress='int8' (Mesa), not "
+                                    f"{self.compress!r}. Fix: drop scales or use compress='int8'.")
+        if self.compress != "none" and self.checkpoint in ("blocks", "selective") and self.checkpoint_every == 1 \
+                and self.modules is None:
+            raise MemKitConfigError(
+                f"activations.compress={self.compress!r} with checkpoint={self.checkpoint!r} on every block leaves "
+                "nothing to compress: a checkpointed block saves no activations (it recomputes them). Fix: "
+                "checkpoint_every >= 2 (compress the others), or checkpoint='none', or offload=true to move the "
+                "checkpointed blocks' inputs to host memory."
+            )
+        if self.modules is not None:
+            if isinstance(self.modules, str) or not self.modules or not all(isinstance(m, str) for m in self.modules):
+                raise MemKitConfigError(f"activations.modules={self.modules!r} must be a non-empty list of module-name "
+                                        "patterns such as ['*.mlp', '*.attn'].")
+            object.__setattr__(self, "modules", tuple(self.modules))
 
     @property
     def enabled(self) -> bool:
-        return self.checkpoint != "none"
+        return self.checkpoint != "none" or self.compress != "none" or self.offload
 
 
 ActivationsSetting = Union[str, Mapping[str, Any], ActivationsConfig, None]

@@ -117,10 +117,14 @@ class MemKitStrategy(DDPStrategy):
 
     def _build_techniques(self) -> list[Technique]:
         techniques: list[Technique] = []
-        if self.activations.checkpoint == "blocks":
+        if self.activations.checkpoint != "none":
             from lightning_memkit.activations.checkpoint import CheckpointTechnique
 
             techniques.append(CheckpointTechnique(self.activations))
+        if self.activations.compress != "none" or self.activations.offload:
+            from lightning_memkit.activations.technique import SavedTensorsTechnique
+
+            techniques.append(SavedTensorsTechnique(self.activations))  # after checkpointing: skips checkpointed blocks
         if self.cross_entropy.fused:
             from lightning_memkit.loss.technique import FusedCrossEntropyTechnique
 

@@ -50,8 +50,8 @@ def test_unknown_preset_name_lists_choices(trainer_kwargs):
 
 
 def test_strategy_rejects_bad_settings_at_construction():
-    with pytest.raises(MemKitConfigError, match="activations='int8'"):
-        MemKitStrategy(activations="int8")
+    with pytest.raises(MemKitConfigError, match="activations='int4'"):
+        MemKitStrategy(activations="int4")
     with pytest.raises(MemKitConfigError, match="unknown key"):
         MemKitStrategy(activations={"checkpoint": "blocks", "every": 2})
 

@@ -21,24 +21,82 @@ from lightning_memkit.models.interface import find_blocks
 from lightning_memkit.techniques import ForwardWrapper, Technique, find_forward_wrapper, unwrap_forward, wrap_forward
 
 
+#: ops whose outputs selective checkpointing keeps (matrix products and attention); the rest is recomputed
+_SAVED_OPS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default, torch.ops.aten.linear.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _SAVED_OPS.add(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
+
+
+def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context() -> Any:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+class _ToHost(torch.autograd.Function):
+    """Identity whose output lives in pinned host memory (the gradient goes back to the device)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.device = x.device
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        host.copy_(x, non_blocking=True)  # ordered on the compute stream; the host thread does not wait
+        return host
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad.to(ctx.device, non_blocking=True)
+
+
 class _CheckpointedForward(ForwardWrapper):
-    """Replaces a module's ``forward``: runs the original under ``torch.utils.checkpoint``."""
+    """Replaces a module's ``forward``: runs the original under ``torch.utils.checkpoint``.
+
+    ``selective``: keep matrix-product and attention outputs, recompute the rest. ``offload``: the
+    block's first input (the residual stream) is held in pinned host memory by the checkpoint and
+    copied back for the recomputation (CUDA only).
+    """
+
+    selective: bool = False
+    offload: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():  # inference: nothing is saved, nothing to recompute
             return self.inner(*args, **kwargs)
-        return checkpoint(self.inner, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+        extra = {"context_fn": _selective_context} if self.selective else {}
+        if self.offload and args and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+            device, inner = args[0].device, self.inner
+
+            def run(host: torch.Tensor, *rest: Any, **kw: Any) -> Any:
+                return inner(host.to(device, non_blocking=True), *rest, **kw)
+
+            return checkpoint(run, _ToHost.apply(args[0]), *args[1:], use_reentrant=False, preserve_rng_state=True,
+                              **extra, **kwargs)
+        return checkpoint(self.inner, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
 
 
 def is_checkpointed(module: nn.Module) -> bool:
     return find_forward_wrapper(module, _CheckpointedForward) is not None
 
 
-def apply_checkpointing(blocks: Sequence[nn.Module], every: int = 1) -> list[nn.Module]:
+def apply_checkpointing(blocks: Sequence[nn.Module], every: int = 1, *, selective: bool = False,
+                        offload: bool = False) -> list[nn.Module]:
     """Checkpoint ``blocks[0], blocks[every], blocks[2*every], ...``; returns the modules changed.
 
     The modules keep their class, parameters and state-dict keys; only ``forward`` is wrapped.
-    Already-checkpointed modules are left as they are.
+    Already-checkpointed modules are left as they are. ``selective``: keep matrix-product outputs
+    and recompute element-wise ops only; ``offload``: hold each block's input in host memory (CUDA).
     """
     if every < 1:
         raise ValueError(f"every={every} must be >= 1")
@@ -46,7 +104,8 @@ def apply_checkpointing(blocks: Sequence[nn.Module], every: int = 1) -> list[nn.
     for i, block in enumerate(blocks):
         if i % every or is_checkpointed(block):
             continue
-        wrap_forward(block, _CheckpointedForward)
+        wrapper = wrap_forward(block, _CheckpointedForward)
+        wrapper.selective, wrapper.offload = selective, offload
         changed.append(block)
     return changed
 
@@ -70,7 +129,9 @@ class CheckpointTechnique(Technique):
     def describe(self) -> str:
         every = self.config.checkpoint_every
         which = "every block" if every == 1 else f"every {every}th block"
-        return f"activation checkpointing of {which} ({len(self._changed)} blocks)"
+        kind = "selective " if self.config.checkpoint == "selective" else ""
+        where = ", inputs offloaded to host memory" if self.config.offload else ""
+        return f"{kind}activation checkpointing of {which} ({len(self._changed)} blocks{where})"
 
     def setup_module(self, module: nn.Module) -> None:
         blocks = find_blocks(module)
@@ -81,7 +142,9 @@ class CheckpointTechnique(Technique):
                 "containers of two or more same-class modules). Fix: define memkit_blocks() on your "
                 "LightningModule returning the blocks, or set activations.checkpoint='none'."
             )
-        self._changed = apply_checkpointing(blocks, every=self.config.checkpoint_every)
+        self._changed = apply_checkpointing(blocks, every=self.config.checkpoint_every,
+                                            selective=self.config.checkpoint == "selective",
+                                            offload=self.config.offload)
 
     def teardown(self, module: nn.Module) -> None:
         remove_checkpointing(self._changed)

@@ -1,0 +1,77 @@
+"""``activations.compress`` / ``activations.offload``: what chosen modules save for the backward."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from torch import nn
+
+from lightning_memkit.activations.checkpoint import is_checkpointed
+from lightning_memkit.activations.saved import SavedTensors, install, uninstall
+from lightning_memkit.config import ActivationsConfig, MemKitConfigError
+from lightning_memkit.models.interface import find_blocks
+from lightning_memkit.techniques import Technique
+
+
+def choose_modules(module: nn.Module, patterns: tuple[str, ...] | None) -> dict[str, nn.Module]:
+    """name -> module: the transformer blocks (``patterns=None``) or the modules whose names match."""
+    named = dict(module.named_modules())
+    if patterns is None:
+        blocks = find_blocks(module)
+        if not blocks:
+            raise MemKitConfigError(
+                f"activations: {type(module).__name__} has no recognizable transformer blocks to compress or offload "
+                "the saved tensors of. Fix: name the modules with activations.modules, e.g. ['*.mlp'], or define "
+                "memkit_blocks()."
+            )
+        ids = {id(b) for b in blocks}
+        return {name: m for name, m in named.items() if id(m) in ids}
+    chosen: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        hits = {name: m for name, m in named.items() if name and fnmatch.fnmatchcase(name, pattern)}
+        if not hits:
+            sample = ", ".join(n for n in list(named)[1:9])
+            raise MemKitConfigError(f"activations.modules pattern {pattern!r} matches no module. Candidates: {sample}, ...")
+        chosen.update(hits)
+    # a module inside another chosen one is covered by the outer hooks
+    return {n: m for n, m in chosen.items() if not any(n.startswith(o + ".") for o in chosen if o != n)}
+
+
+class SavedTensorsTechnique(Technique):
+    """Compresses and/or offloads what the chosen (not checkpointed) modules save."""
+
+    name = "saved_activations"
+
+    def __init__(self, config: ActivationsConfig) -> None:
+        self.config = config
+        self.exact = config.compress == "none"
+        self.manager: SavedTensors | None = None
+        self._changed: list[nn.Module] = []
+
+    def describe(self) -> str:
+        parts = []
+        if self.config.compress != "none":
+            parts.append(f"{self.config.compress} saved activations" + (" (running scales)" if
+                                                                       self.config.scales == "running" else ""))
+        if self.config.offload:
+            parts.append("offloaded to host memory")
+        hooked = sum(1 for m in self._changed if not isinstance(m, nn.Linear))
+        return ", ".join(parts) + f" ({hooked} modules)"
+
+    def setup_module(self, module: nn.Module) -> None:
+        chosen = {n: m for n, m in choose_modules(module, self.config.modules).items() if not is_checkpointed(m)}
+        if not chosen:
+            return  # every chosen block is checkpointed: the checkpoint technique handles offload of its inputs
+        self.manager = SavedTensors(self.config.compress, self.config.offload, self.config.scales,
+                                    self.config.min_numel, list(module.parameters()))
+        self._changed = install(chosen, self.manager, linear_per_group=self.config.compress == "fp8")
+
+    def step_context(self) -> Any:
+        if self.manager is not None:
+            self.manager.reset_counters()
+        return super().step_context()
+
+    def teardown(self, module: nn.Module) -> None:
+        uninstall(self._changed)
+        self._changed = []
