@@ -1,7 +1,7 @@
 """Saved-activation compression: the forward is exact, the copy kept for the backward is 8-bit.
 
-Packers (pure functions, PyTorch reference; the Triton kernels in ``kernels/quantize.py`` compute
-the same on CUDA):
+Packers (pure functions with a PyTorch reference path; on CUDA, per-channel int8 and per-group fp8
+packing run the Triton kernels of ``kernels/quantize.py``, which compute the same codes):
 
 - ``int8`` (Mesa): symmetric int8 with one fp32 scale per channel (the last dimension) for 2-D/3-D
   tensors and one per head for 4-D attention tensors (B, H, S, E), q = round(x / s), s = absmax/127.
@@ -60,8 +60,18 @@ def int8_absmax(x: Tensor) -> Tensor:
     return x.detach().abs().amax(dim=_reduce_dims(x), keepdim=True).float()
 
 
+def _kernels() -> Any:
+    from lightning_memkit._imports import require
+
+    return require("lightning_memkit.kernels.quantize", feature="Triton quantization kernels")
+
+
 def pack_int8(x: Tensor, absmax: Optional[Tensor] = None) -> Packed:
-    """int8 codes of ``x`` with per-channel / per-head scales (from ``absmax``, or x's own)."""
+    """int8 codes of ``x`` with per-channel / per-head scales (from ``absmax``, or x's own). On CUDA,
+    per-channel packing with the tensor's own scales runs the Triton kernels."""
+    if x.is_cuda and absmax is None and x.ndim in (2, 3):
+        codes, scale = _kernels().int8_pack(x.detach())
+        return Packed(codes, scale.view([1] * (x.ndim - 1) + [-1]), x.dtype, x.shape)
     amax = int8_absmax(x) if absmax is None else absmax
     scale = (amax / INT8_MAX).clamp_(min=1e-12)
     codes = torch.round(x.detach().float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -70,8 +80,13 @@ def pack_int8(x: Tensor, absmax: Optional[Tensor] = None) -> Packed:
 
 def pack_fp8(x: Tensor, per_group: bool) -> Packed:
     """float8 e4m3 codes of ``x``: per group of 128 along the last dimension, or per tensor."""
-    xf = x.detach().float()
     grouped = per_group and x.ndim >= 1 and x.shape[-1] % FP8_GROUP == 0
+    if grouped and x.is_cuda:  # one Triton pass: each group's absmax and its codes
+        codes, scale = _kernels().fp8_pack_groups(x.detach())
+        groups = x.shape[-1] // FP8_GROUP
+        return Packed(codes.view(*x.shape[:-1], groups, FP8_GROUP), scale.view(*x.shape[:-1], groups, 1), x.dtype,
+                      x.shape, grouped=True)
+    xf = x.detach().float()
     if grouped:
         xf = xf.reshape(*x.shape[:-1], x.shape[-1] // FP8_GROUP, FP8_GROUP)
         amax = xf.abs().amax(dim=-1, keepdim=True)

@@ -50,7 +50,8 @@ class SavedTensors:
 
     def __init__(self, compress: str, offload: bool, scales: str, min_numel: int, params: list[Tensor]) -> None:
         self.compress, self.offload, self.scales, self.min_numel = compress, offload, scales, min_numel
-        self._param_storages = {p.untyped_storage().data_ptr() for p in params if p.device.type != "meta"}
+        self._param_ids = {id(p) for p in params}
+        self._param_storages = {p.untyped_storage().data_ptr() for p in params if not _symbolic(p)}
         self.running = RunningScales()
         self.original_bytes = 0  # bytes the packed tensors had
         self.device_bytes = 0  # bytes they take on the device after packing (0 when offloaded)
@@ -67,8 +68,10 @@ class SavedTensors:
     def eligible(self, x: Tensor) -> bool:
         if not (x.is_floating_point() and x.requires_grad and x.numel() >= self.min_numel):
             return False
-        if isinstance(x, nn.Parameter):
+        if isinstance(x, nn.Parameter) or id(x._base) in self._param_ids:  # a parameter or a view of one
             return False
+        if _symbolic(x):  # fake tensors (memory planning) have no real storage to compare
+            return True
         try:
             return x.untyped_storage().data_ptr() not in self._param_storages
         except (RuntimeError, NotImplementedError):  # tensors without storage (some subclasses)
@@ -150,6 +153,12 @@ class SavedTensors:
             packed = handle.extra
             return Packed(tensors[0], tensors[1], packed.dtype, packed.shape, packed.grouped)
         return tensors[0]
+
+
+def _symbolic(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
 
 
 class _SavedTensorsForward(ForwardWrapper):
