@@ -64,7 +64,7 @@ def _dequant_kernel(Q, SCALE, OUT, R, D, GROUPED: tl.constexpr, G: tl.constexpr,
     rows = (pr * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < R) & (cols[None, :] < D)
-    q = tl.load(Q + rows[:, None] * D + cols[None, :], mask=mask, other=0).to(tl.float32)
+    q = tl.load(Q + rows[:, None] * D + cols[None, :], mask=mask).to(tl.float32)  # masked lanes are not stored
     if GROUPED:  # one scale per (row, group of G columns)
         s = tl.load(SCALE + rows[:, None] * (D // G) + cols[None, :] // G, mask=mask, other=1.0)
     else:  # one scale per column
