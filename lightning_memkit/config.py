@@ -49,6 +49,29 @@ def check_int(key: str, value: Any, *, minimum: int) -> int:
     return value
 
 
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(key: str, value: Any) -> int:
+    """Bytes from an int or a string such as ``"24GiB"``, ``"512 MiB"``, ``"1.5GB"``."""
+    import re
+
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?i?[bB])?\s*", value)
+        if match:
+            unit = (match.group(2) or "b").lower()
+            size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+            if size > 0:
+                return size
+    raise MemKitConfigError(
+        f"{key}={value!r} is not a memory size. Fix: a positive number of bytes, or a string such as '24GiB', "
+        "'512MiB' or '1.5GB'."
+    )
+
+
 def _parse_setting(key: str, value: Any, cls: type, shorthands: Mapping[str, Mapping[str, Any]]) -> Any:
     """A family's setting -> its dataclass: None (defaults), a shorthand, a mapping, or the dataclass."""
     if value is None:
@@ -82,8 +105,9 @@ def _from_mapping(cls: type, key: str, mapping: Mapping[str, Any]) -> Any:
 
 #: Checkpointing policies. "none": every activation is kept. "blocks": transformer blocks are
 #: recomputed in the backward pass. "selective": inside each block the outputs of matrix products
-#: (and attention) are kept and only the cheap element-wise ops are recomputed. Both exact.
-CHECKPOINT_POLICIES = ("none", "blocks", "selective")
+#: (and attention) are kept and only the cheap element-wise ops are recomputed. "budget": checkpoint
+#: just enough blocks that the blocks' saved activations fit ``activation_budget``. All exact.
+CHECKPOINT_POLICIES = ("none", "blocks", "selective", "budget")
 #: Saved-activation compression: "int8" (Mesa: per-channel / per-head scales), "fp8" (COAT: e4m3,
 #: per-group scales for linear inputs, per-tensor elsewhere). Approximate.
 COMPRESS_MODES = ("none", "int8", "fp8")
@@ -118,6 +142,12 @@ class ActivationsConfig:
         modules: module-name patterns (fnmatch over ``named_modules()``) whose saved tensors are
             compressed / offloaded; None: the transformer blocks.
         min_numel: tensors with fewer values are never compressed or offloaded.
+        activation_budget: with ``checkpoint="budget"``: bytes (or ``"6GiB"``) the transformer
+            blocks may keep for the backward pass. The first training step measures one block and
+            keeps the activations of as many blocks as fit; the others are checkpointed.
+        offload_host_memory: with ``offload``: the most pinned host memory offload may use (bytes or
+            ``"32GiB"``); checked against the host's available memory at setup (on CUDA), and an error
+            names it if a step needs more. None: not checked.
     """
 
     checkpoint: str = "none"
@@ -127,8 +157,25 @@ class ActivationsConfig:
     offload: bool = False
     modules: Optional[tuple[str, ...]] = None
     min_numel: int = 4096
+    activation_budget: Optional[Union[int, str]] = None
+    offload_host_memory: Optional[Union[int, str]] = None
 
     def __post_init__(self) -> None:
+        if self.activation_budget is not None:
+            object.__setattr__(self, "activation_budget", parse_size("activations.activation_budget",
+                                                                     self.activation_budget))
+        if (self.checkpoint == "budget") != (self.activation_budget is not None):
+            raise MemKitConfigError(
+                "activations.checkpoint='budget' and activations.activation_budget go together "
+                f"(got checkpoint={self.checkpoint!r}, activation_budget={self.activation_budget!r}). Fix: set both, "
+                "e.g. {checkpoint: budget, activation_budget: 6GiB}, or neither."
+            )
+        if self.offload_host_memory is not None:
+            object.__setattr__(self, "offload_host_memory", parse_size("activations.offload_host_memory",
+                                                                       self.offload_host_memory))
+            if not self.offload:
+                raise MemKitConfigError("activations.offload_host_memory applies to offload=true. Fix: set "
+                                        "offload: true, or drop offload_host_memory.")
         check_choice("activations.checkpoint", self.checkpoint, CHECKPOINT_POLICIES)
         check_int("activations.checkpoint_every", self.checkpoint_every, minimum=1)
         check_choice("activations.compress", self.compress, COMPRESS_MODES)
@@ -148,8 +195,8 @@ class ActivationsConfig:
         if self.scales == "running" and self.compress != "int8":
             raise MemKitConfigError(f"activations.scales='running' applies to compress='int8' (Mesa), not "
                                     f"{self.compress!r}. Fix: drop scales or use compress='int8'.")
-        if self.compress != "none" and self.checkpoint in ("blocks", "selective") and self.checkpoint_every == 1 \
-                and self.modules is None:
+        if self.compress != "none" and self.checkpoint in ("blocks", "selective", "budget") \
+                and self.checkpoint_every == 1 and self.modules is None:
             raise MemKitConfigError(
                 f"activations.compress={self.compress!r} with checkpoint={self.checkpoint!r} on every block leaves "
                 "nothing to compress: a checkpointed block saves no activations (it recomputes them). Fix: "

@@ -10,7 +10,7 @@ modules; :class:`CheckpointTechnique` is how ``MemKitStrategy`` installs it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -60,6 +60,50 @@ class _ToHost(torch.autograd.Function):
         return grad.to(ctx.device, non_blocking=True)
 
 
+class BudgetPlan:
+    """``checkpoint="budget"``: how many blocks keep their activations, decided from a measurement.
+
+    The first forward with gradients runs block 0 without checkpointing under a counting
+    ``saved_tensors_hooks`` (bytes of the distinct storages it saves, parameters excluded); then
+    ``keep = (budget - n_blocks x input bytes) // block bytes`` blocks (at least 1: block 0 already
+    kept them in this step) keep their activations and the rest are checkpointed, in this step and
+    every later one. The measurement assumes the blocks are alike (they are in transformers).
+    """
+
+    def __init__(self, budget: int, n_blocks: int) -> None:
+        self.budget, self.n_blocks = budget, n_blocks
+        self.block_bytes: Optional[int] = None
+        self.input_bytes = 0
+        self.keep = 0
+
+    def measure(self, inner: Any, args: Any, kwargs: Any) -> Any:
+        seen: set[int] = set()
+        total = [0]
+
+        def count(x: torch.Tensor) -> torch.Tensor:
+            if not isinstance(x, nn.Parameter):
+                key = x.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total[0] += x.untyped_storage().nbytes()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda x: x):
+            out = inner(*args, **kwargs)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self.input_bytes = first.numel() * first.element_size() if first is not None else 0
+        self.block_bytes = max(1, total[0])
+        room = self.budget - self.n_blocks * self.input_bytes
+        self.keep = int(min(self.n_blocks, max(1, room // self.block_bytes)))
+        return out
+
+    def describe(self) -> str:
+        if self.block_bytes is None:
+            return "not measured yet"
+        return (f"{self.keep} of {self.n_blocks} blocks keep their activations ({self.block_bytes / 2**20:.1f} MiB "
+                f"each), {self.n_blocks - self.keep} are checkpointed")
+
+
 class _CheckpointedForward(ForwardWrapper):
     """Replaces a module's ``forward``: runs the original under ``torch.utils.checkpoint``.
 
@@ -70,10 +114,17 @@ class _CheckpointedForward(ForwardWrapper):
 
     selective: bool = False
     offload: bool = False
+    plan: Optional[BudgetPlan] = None
+    index: int = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():  # inference: nothing is saved, nothing to recompute
             return self.inner(*args, **kwargs)
+        if self.plan is not None:
+            if self.plan.block_bytes is None:
+                return self.plan.measure(self.inner, args, kwargs)
+            if self.index < self.plan.keep:
+                return self.inner(*args, **kwargs)
         extra = {"context_fn": _selective_context} if self.selective else {}
         if self.offload and args and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
             device, inner = args[0].device, self.inner
@@ -91,7 +142,7 @@ def is_checkpointed(module: nn.Module) -> bool:
 
 
 def apply_checkpointing(blocks: Sequence[nn.Module], every: int = 1, *, selective: bool = False,
-                        offload: bool = False) -> list[nn.Module]:
+                        offload: bool = False, plan: Optional[BudgetPlan] = None) -> list[nn.Module]:
     """Checkpoint ``blocks[0], blocks[every], blocks[2*every], ...``; returns the modules changed.
 
     The modules keep their class, parameters and state-dict keys; only ``forward`` is wrapped.
@@ -105,7 +156,7 @@ def apply_checkpointing(blocks: Sequence[nn.Module], every: int = 1, *, selectiv
         if i % every or is_checkpointed(block):
             continue
         wrapper = wrap_forward(block, _CheckpointedForward)
-        wrapper.selective, wrapper.offload = selective, offload
+        wrapper.selective, wrapper.offload, wrapper.plan, wrapper.index = selective, offload, plan, i
         changed.append(block)
     return changed
 
@@ -124,12 +175,14 @@ class CheckpointTechnique(Technique):
 
     def __init__(self, config: ActivationsConfig) -> None:
         self.config = config
+        self.plan: Optional[BudgetPlan] = None
         self._changed: list[nn.Module] = []
 
     def describe(self) -> str:
         every = self.config.checkpoint_every
         which = "every block" if every == 1 else f"every {every}th block"
-        kind = "selective " if self.config.checkpoint == "selective" else ""
+        kind = {"selective": "selective ", "budget": f"memory-targeted ({self.config.activation_budget / 2**30:.2f} "
+                "GiB) "}.get(self.config.checkpoint, "")
         where = ", inputs offloaded to host memory" if self.config.offload else ""
         return f"{kind}activation checkpointing of {which} ({len(self._changed)} blocks{where})"
 
@@ -142,9 +195,11 @@ class CheckpointTechnique(Technique):
                 "containers of two or more same-class modules). Fix: define memkit_blocks() on your "
                 "LightningModule returning the blocks, or set activations.checkpoint='none'."
             )
+        if self.config.checkpoint == "budget":
+            self.plan = BudgetPlan(self.config.activation_budget, len(blocks))
         self._changed = apply_checkpointing(blocks, every=self.config.checkpoint_every,
                                             selective=self.config.checkpoint == "selective",
-                                            offload=self.config.offload)
+                                            offload=self.config.offload, plan=self.plan)
 
     def teardown(self, module: nn.Module) -> None:
         remove_checkpointing(self._changed)

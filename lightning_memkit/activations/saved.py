@@ -48,8 +48,10 @@ class SavedTensors:
         params: the model's parameters (never packed).
     """
 
-    def __init__(self, compress: str, offload: bool, scales: str, min_numel: int, params: list[Tensor]) -> None:
+    def __init__(self, compress: str, offload: bool, scales: str, min_numel: int, params: list[Tensor],
+                 host_limit: Optional[int] = None) -> None:
         self.compress, self.offload, self.scales, self.min_numel = compress, offload, scales, min_numel
+        self.host_limit = host_limit
         self._param_ids = {id(p) for p in params}
         self._param_storages = {p.untyped_storage().data_ptr() for p in params if not _symbolic(p)}
         self.running = RunningScales()
@@ -92,6 +94,12 @@ class SavedTensors:
         size = item.nbytes() if isinstance(item, Packed) else nbytes
         if self.offload and x.device.type == "cuda":
             self.host_bytes += size
+            if self.host_limit is not None and self.host_bytes > self.host_limit:
+                raise RuntimeError(
+                    f"activation offload needs more than activations.offload_host_memory={self.host_limit / 2**30:.2f} "
+                    "GiB of pinned host memory in this step. Fix: raise offload_host_memory (if the host has it), add "
+                    "compress='int8', or lower the batch or sequence length."
+                )
             return self._to_host(item)
         if self.offload and not self._warned_cpu:
             self._warned_cpu = True
@@ -159,6 +167,32 @@ def _symbolic(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return t.device.type == "meta" or is_fake(t)
+
+
+def host_memory_available() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(limit: Optional[int], available: Optional[int]) -> None:
+    """Refuse offload before training when the host cannot hold ``limit`` bytes of pinned memory."""
+    if limit is None or available is None:
+        return
+    if available < limit:
+        from lightning_memkit.config import MemKitConfigError
+
+        raise MemKitConfigError(
+            f"activations.offload_host_memory={limit / 2**30:.2f} GiB, but this host has only {available / 2**30:.2f} GiB "
+            "of memory available to pin. Fix: lower offload_host_memory (and the batch or sequence length with it), "
+            "add compress='int8' to halve what is offloaded, or use checkpointing instead of offload."
+        )
 
 
 class _SavedTensorsForward(ForwardWrapper):

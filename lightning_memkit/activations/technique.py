@@ -59,12 +59,18 @@ class SavedTensorsTechnique(Technique):
         hooked = sum(1 for m in self._changed if not isinstance(m, nn.Linear))
         return ", ".join(parts) + f" ({hooked} modules)"
 
+    def setup_trainer(self, trainer: Any) -> None:
+        from lightning_memkit.activations.saved import check_host_memory, host_memory_available
+
+        if self.config.offload and trainer.strategy.root_device.type == "cuda":
+            check_host_memory(self.config.offload_host_memory, host_memory_available())
+
     def setup_module(self, module: nn.Module) -> None:
         chosen = {n: m for n, m in choose_modules(module, self.config.modules).items() if not is_checkpointed(m)}
         if not chosen:
             return  # every chosen block is checkpointed: the checkpoint technique handles offload of its inputs
         self.manager = SavedTensors(self.config.compress, self.config.offload, self.config.scales,
-                                    self.config.min_numel, list(module.parameters()))
+                                    self.config.min_numel, list(module.parameters()), self.config.offload_host_memory)
         self._changed = install(chosen, self.manager, linear_per_group=self.config.compress == "fp8")
 
     def step_context(self) -> Any:

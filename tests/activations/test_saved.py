@@ -216,3 +216,85 @@ def test_offload_on_cuda_leaves_no_saved_bytes_on_the_device_and_is_exact():
         assert manager.device_bytes == 0 and manager.host_bytes > 0
         if mode == "none":
             assert torch.equal(loss, exact_loss) and all(torch.equal(grads[n], exact[n]) for n in exact)
+
+
+def test_memory_targeted_checkpointing_keeps_as_many_blocks_as_fit_and_is_exact():
+    from lightning_memkit.activations.checkpoint import BudgetPlan, apply_checkpointing
+
+    torch.manual_seed(0)
+    cfg = get_config("small")
+    ids = torch.randint(0, 258, (2, 65))
+
+    def grads(model):
+        model.zero_grad(set_to_none=True)
+        model(ids[:, :-1]).float().logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = Transformer(cfg)
+    exact = grads(plain)
+    n = len(plain.blocks)
+    probe_model = copy.deepcopy(plain)
+    probe = BudgetPlan(10**12, n)  # room for everything: measures one block, keeps all
+    apply_checkpointing(list(probe_model.blocks), plan=probe)
+    grads(probe_model)
+    one_block, inputs = probe.block_bytes, n * probe.input_bytes
+    assert probe.keep == n and one_block > 10 * probe.input_bytes
+    for k in (1, 2, 3):
+        model = copy.deepcopy(plain)
+        plan = BudgetPlan(inputs + k * one_block + one_block // 2, n)
+        apply_checkpointing(list(model.blocks), plan=plan)
+        got = grads(model)  # the first step measures block 0 and decides
+        assert plan.keep == k, plan.describe()
+        assert all(torch.equal(exact[name], got[name]) for name in exact)
+        again = grads(model)  # later steps follow the plan
+        assert all(torch.equal(exact[name], again[name]) for name in exact)
+
+
+def test_budget_settings_are_checked():
+    with pytest.raises(MemKitConfigError, match="go together"):
+        MemKitStrategy(activations={"checkpoint": "budget"})
+    with pytest.raises(MemKitConfigError, match="is not a memory size"):
+        MemKitStrategy(activations={"checkpoint": "budget", "activation_budget": "lots"})
+    cfg = MemKitStrategy(activations={"checkpoint": "budget", "activation_budget": "1.5GiB"}).activations
+    assert cfg.activation_budget == int(1.5 * 2**30)
+
+
+def test_offload_without_enough_host_memory_is_refused_before_training():
+    from lightning_memkit.activations.saved import check_host_memory, host_memory_available
+
+    check_host_memory(2**30, 2**31)  # enough
+    with pytest.raises(MemKitConfigError, match="only 0.50 GiB of memory available to pin"):
+        check_host_memory(2**31, 2**29)
+    assert host_memory_available() is None or host_memory_available() > 0
+    with pytest.raises(MemKitConfigError, match="applies to offload=true"):
+        MemKitStrategy(activations={"offload_host_memory": "8GiB"})
+
+
+def test_hf_causal_lm_gets_compression_through_the_strategy(trainer_kwargs):
+    pytest.importorskip("transformers")
+    from tests.models.test_llama import tiny_hf
+
+    from lightning_memkit.models import HFCausalLM
+
+    class HFModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = HFCausalLM(tiny_hf("llama")).train()
+
+        def training_step(self, batch, batch_idx):
+            ids = batch[0]
+            return self.model.hf(input_ids=ids, labels=ids).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 101, (8, 64))),
+                                               batch_size=4)
+
+    module = HFModule()
+    trainer = pl.Trainer(strategy=MemKitStrategy(activations={"compress": "int8", "min_numel": 256}),
+                         **{**trainer_kwargs, "max_steps": 2})
+    trainer.fit(module)
+    manager = next(t for t in trainer.strategy.techniques if hasattr(t, "manager")).manager
+    assert manager.original_bytes > 0 and manager.device_bytes <= 0.52 * manager.original_bytes
