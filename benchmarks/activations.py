@@ -8,7 +8,8 @@ running scales; with --cuda also offload, offload + int8, checkpointing + offloa
   outside memkit's hooks; memkit's hooks report what they keep on the device after packing).
   Checkpointed blocks save nothing this way (their inputs are held by the checkpoint), so for
   checkpointing the peak column is the one to read.
-- **peak**: the step's peak (fake tensors + MemTracker for the Llama-3-8B shape, where only the peak
+- **peak**: the step's peak (on CUDA the second step's, as the first one also holds one-time
+  buffers; fake tensors + MemTracker for the Llama-3-8B shape, where only the peak
   is read: fake tensors have no storages to count saved bytes by, and do not model what selective
   checkpointing keeps; MemTracker on CPU; the caching allocator on CUDA).
 - **time**: forward + backward, as a ratio to the plain run, the modes taking turns, best of
@@ -144,7 +145,7 @@ def measured(device: str, repeats: int, modes: dict[str, dict[str, Any]], cfg_na
                 saved = step(m, ids, techniques)
             if device == "cuda":
                 torch.cuda.synchronize()
-                if r == 0:
+                if r == 1:  # the second step: the first one also holds one-time buffers (kernel builds, caches)
                     stats[name]["peak"] = torch.cuda.max_memory_allocated() - before
             elapsed = time.perf_counter() - start
             if r == 0:
