@@ -181,8 +181,11 @@ class CheckpointTechnique(Technique):
     def describe(self) -> str:
         every = self.config.checkpoint_every
         which = "every block" if every == 1 else f"every {every}th block"
-        kind = {"selective": "selective ", "budget": f"memory-targeted ({self.config.activation_budget / 2**30:.2f} "
-                "GiB) "}.get(self.config.checkpoint, "")
+        kind = ""
+        if self.config.checkpoint == "selective":
+            kind = "selective "
+        elif self.config.checkpoint == "budget":
+            kind = f"memory-targeted ({self.config.activation_budget / 2**30:.2f} GiB: {self.plan.describe()}) "
         where = ", inputs offloaded to host memory" if self.config.offload else ""
         return f"{kind}activation checkpointing of {which} ({len(self._changed)} blocks{where})"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -298,3 +299,18 @@ def test_hf_causal_lm_gets_compression_through_the_strategy(trainer_kwargs):
     trainer.fit(module)
     manager = next(t for t in trainer.strategy.techniques if hasattr(t, "manager")).manager
     assert manager.original_bytes > 0 and manager.device_bytes <= 0.52 * manager.original_bytes
+
+
+def test_every_activation_mode_fits_through_the_strategy(trainer_kwargs):
+    from tests.helpers.models import UserModule
+
+    offload = {"offload": True, "min_numel": 64}
+    for setting in ("checkpoint", "selective", "int8", "fp8", offload,
+                    {"checkpoint": "budget", "activation_budget": "1MiB"},
+                    {"checkpoint": "blocks", "checkpoint_every": 2, "compress": "int8", "min_numel": 64}):
+        trainer = pl.Trainer(strategy=MemKitStrategy(activations=setting, cross_entropy="plain"),
+                             **{**trainer_kwargs, "max_steps": 2})
+        with pytest.warns(UserWarning, match="offload does nothing") if setting is offload else contextlib.nullcontext():
+            trainer.fit(UserModule())
+        assert trainer.global_step == 2
+        assert all(t.describe() for t in trainer.strategy.techniques)
