@@ -28,6 +28,8 @@ OPTIONS = {
 }
 
 N, D, V = 37, 29, 83  # odd shapes, not powers of two
+# CUDA where there is one (the Triton kernels compiled), else the CPU (Triton in its interpreter)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 triton_available = True
 try:  # triton runs under TRITON_INTERPRET=1 on CPU (set in conftest)
@@ -43,7 +45,7 @@ def _inputs(dtype, with_bias, ignore_every=5, seed=0):
     b = torch.randn(V, generator=g) if with_bias else None
     t = torch.randint(0, V, (N,), generator=g)
     t[::ignore_every] = -100
-    return h, w, b, t
+    return h.to(DEVICE), w.to(DEVICE), (b.to(DEVICE) if b is not None else None), t.to(DEVICE)
 
 
 def _run(fn, h, w, b, t, dtype, grad_out, **kw):
@@ -51,7 +53,7 @@ def _run(fn, h, w, b, t, dtype, grad_out, **kw):
     if b is not None:
         leaves.append(b.to(dtype).requires_grad_())
     loss = fn(leaves[0], leaves[1], t, bias=leaves[2] if b is not None else None, **kw)
-    grads = torch.autograd.grad(loss, leaves, grad_out)
+    grads = torch.autograd.grad(loss, leaves, grad_out.to(loss.device))
     return [loss.detach().float()] + [g.float() for g in grads]
 
 
@@ -130,7 +132,7 @@ def test_triton_gradient_filtering_is_close_and_documented_as_approximate():
 @pytest.mark.parametrize("impl", ["torch", "chunked"] + (["triton"] if triton_available else []))
 def test_all_ignored_batch_has_pytorch_semantics(impl):
     h, w, _, _ = _inputs(torch.float32, False)
-    t = torch.full((N,), -100)
+    t = torch.full((N,), -100, device=DEVICE)
     for reduction, expected in (("mean", float("nan")), ("sum", 0.0)):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss = linear_cross_entropy(hh, ww, t, reduction=reduction, impl=impl)
@@ -138,7 +140,7 @@ def test_all_ignored_batch_has_pytorch_semantics(impl):
         loss.backward()
         assert torch.equal(hh.grad, torch.zeros_like(h)) and torch.equal(ww.grad, torch.zeros_like(w))
     none = linear_cross_entropy(h, w, t, reduction="none", impl=impl)
-    assert torch.equal(none, torch.zeros(N))
+    assert torch.equal(none, torch.zeros(N, device=DEVICE))
 
 
 @pytest.mark.parametrize("impl", ["chunked"] + (["triton"] if triton_available else []))
@@ -147,6 +149,7 @@ def test_shift_and_batch_shape(impl):
     h = torch.randn(2, 9, D, generator=g)
     w = torch.randn(V, D, generator=g) / D**0.5
     labels = torch.randint(0, V, (2, 9), generator=g)
+    h, w, labels = h.to(DEVICE), w.to(DEVICE), labels.to(DEVICE)
     got = linear_cross_entropy(h, w, labels, shift=True, reduction="none", impl=impl)
     assert got.shape == (2, 8)
     logits = (h @ w.t())[:, :-1]
@@ -239,6 +242,7 @@ def test_review_edge_cases(monkeypatch):
     for impl in ["torch", "chunked"] + (["triton"] if triton_available else []):
         torch.testing.assert_close(linear_cross_entropy(h, w, t.int(), impl=impl), expected)
     # filter_eps with "auto" on CPU: no Triton, so exact chunked gradients
+    h, w, t, expected = h.cpu(), w.cpu(), t.cpu(), expected.cpu()
     torch.testing.assert_close(linear_cross_entropy(h, w, t, impl="auto", filter_eps=1e-4), expected)
     with pytest.raises(ValueError, match="impl='triton' takes float32, bfloat16 or float16"):
         linear_cross_entropy(h.double(), w.double(), t, impl="triton")

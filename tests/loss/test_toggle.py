@@ -50,6 +50,9 @@ def _batch(b=2, t=48, v=258):
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
 def test_causal_lm_module_same_gradients_and_no_logits(impl):
+    if impl == "triton" and torch.cuda.is_available():
+        pytest.skip("this test counts CPU tensor sizes; on CUDA the kernels are checked by the loss tests and "
+                    "benchmarks/cuda_check.py")
     module = CausalLMModule(model="tiny")
     batch = _batch()
     n_logits = 2 * 48 * 258
