@@ -25,10 +25,12 @@ GROUP = 128
 
 @triton.jit
 def _round_half_even(x):
-    r = tl.floor(x + 0.5)
-    tie = (r - x) == 0.5  # exactly halfway: floor(x + 0.5) went up; go to the even neighbour
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
+    """As torch.round: x - floor(x) is exact in fp32 for |x| < 2**23 (codes are within ±127 here)."""
+    f = tl.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
 
 
 @triton.jit

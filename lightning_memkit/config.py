@@ -61,7 +61,7 @@ def parse_size(key: str, value: Any) -> int:
         return value
     if isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?i?[bB])?\s*", value)
-        if match:
+        if match and (match.group(2) or "b").lower() in _SIZE_UNITS:
             unit = (match.group(2) or "b").lower()
             size = int(float(match.group(1)) * _SIZE_UNITS[unit])
             if size > 0:
@@ -169,6 +169,11 @@ class ActivationsConfig:
                 "activations.checkpoint='budget' and activations.activation_budget go together "
                 f"(got checkpoint={self.checkpoint!r}, activation_budget={self.activation_budget!r}). Fix: set both, "
                 "e.g. {checkpoint: budget, activation_budget: 6GiB}, or neither."
+            )
+        if self.checkpoint == "budget" and self.checkpoint_every != 1:
+            raise MemKitConfigError(
+                f"activations.checkpoint='budget' chooses which blocks to checkpoint itself; checkpoint_every="
+                f"{self.checkpoint_every} does not apply. Fix: drop checkpoint_every."
             )
         if self.offload_host_memory is not None:
             object.__setattr__(self, "offload_host_memory", parse_size("activations.offload_host_memory",

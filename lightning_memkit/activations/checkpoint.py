@@ -45,21 +45,6 @@ def _selective_context() -> Any:
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
-class _ToHost(torch.autograd.Function):
-    """Identity whose output lives in pinned host memory (the gradient goes back to the device)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        ctx.device = x.device
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        host.copy_(x, non_blocking=True)  # ordered on the compute stream; the host thread does not wait
-        return host
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return grad.to(ctx.device, non_blocking=True)
-
-
 class BudgetPlan:
     """``checkpoint="budget"``: how many blocks keep their activations, decided from a measurement.
 
@@ -81,7 +66,7 @@ class BudgetPlan:
         total = [0]
 
         def count(x: torch.Tensor) -> torch.Tensor:
-            if not isinstance(x, nn.Parameter):
+            if not (isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter)):  # weights are not activations
                 key = x.untyped_storage().data_ptr()
                 if key not in seen:
                     seen.add(key)
@@ -90,7 +75,7 @@ class BudgetPlan:
 
         with torch.autograd.graph.saved_tensors_hooks(count, lambda x: x):
             out = inner(*args, **kwargs)
-        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
         self.input_bytes = first.numel() * first.element_size() if first is not None else 0
         self.block_bytes = max(1, total[0])
         room = self.budget - self.n_blocks * self.input_bytes
@@ -108,8 +93,8 @@ class _CheckpointedForward(ForwardWrapper):
     """Replaces a module's ``forward``: runs the original under ``torch.utils.checkpoint``.
 
     ``selective``: keep matrix-product and attention outputs, recompute the rest. ``offload``: the
-    block's first input (the residual stream) is held in pinned host memory by the checkpoint and
-    copied back for the recomputation (CUDA only).
+    inputs the checkpoint keeps are saved through ``torch.autograd.graph.save_on_cpu(pin_memory=True)``
+    and copied back for the recomputation (CUDA only; RNG states are handled by the checkpoint as usual).
     """
 
     selective: bool = False
@@ -126,14 +111,10 @@ class _CheckpointedForward(ForwardWrapper):
             if self.index < self.plan.keep:
                 return self.inner(*args, **kwargs)
         extra = {"context_fn": _selective_context} if self.selective else {}
-        if self.offload and args and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
-            device, inner = args[0].device, self.inner
-
-            def run(host: torch.Tensor, *rest: Any, **kw: Any) -> Any:
-                return inner(host.to(device, non_blocking=True), *rest, **kw)
-
-            return checkpoint(run, _ToHost.apply(args[0]), *args[1:], use_reentrant=False, preserve_rng_state=True,
-                              **extra, **kwargs)
+        if self.offload and any(isinstance(t, torch.Tensor) and t.is_cuda for t in (*args, *kwargs.values())):
+            # the checkpoint saves its inputs through autograd's saved-tensor hooks: keep them in pinned host memory
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return checkpoint(self.inner, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
         return checkpoint(self.inner, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
 
 

@@ -81,7 +81,8 @@ def pack_int8(x: Tensor, absmax: Optional[Tensor] = None) -> Packed:
 def pack_fp8(x: Tensor, per_group: bool) -> Packed:
     """float8 e4m3 codes of ``x``: per group of 128 along the last dimension, or per tensor."""
     grouped = per_group and x.ndim >= 1 and x.shape[-1] % FP8_GROUP == 0
-    if grouped and x.is_cuda:  # one Triton pass: each group's absmax and its codes
+    if grouped and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9):  # Triton's fp8e4nv: Ada+
+        # one Triton pass: each group's absmax and its codes
         codes, scale = _kernels().fp8_pack_groups(x.detach())
         groups = x.shape[-1] // FP8_GROUP
         return Packed(codes.view(*x.shape[:-1], groups, FP8_GROUP), scale.view(*x.shape[:-1], groups, 1), x.dtype,

@@ -15,6 +15,7 @@ on. On a CPU device there is nowhere to offload to: offload is a no-op there, sa
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,7 +30,7 @@ PREFETCH = 2
 class _Offloaded:
     """A tensor (or a Packed's codes and scale) in pinned host memory, and its way back."""
 
-    __slots__ = ("host", "device", "index", "on_device", "event", "extra")
+    __slots__ = ("host", "device", "index", "on_device", "event", "extra", "__weakref__")
 
     def __init__(self, host: list[Tensor], device: torch.device, index: int, extra: Any) -> None:
         self.host, self.device, self.index, self.extra = host, device, index, extra
@@ -52,8 +53,11 @@ class SavedTensors:
                  host_limit: Optional[int] = None) -> None:
         self.compress, self.offload, self.scales, self.min_numel = compress, offload, scales, min_numel
         self.host_limit = host_limit
+        self._params = params
         self._param_ids = {id(p) for p in params}
-        self._param_storages = {p.untyped_storage().data_ptr() for p in params if not _symbolic(p)}
+        self._param_storages: Optional[set[int]] = None  # read at the first pack: the model is on its device by then
+        # a tensor saved by several ops (the normed input of q, k and v) is packed once: id -> (weak tensor, weak item)
+        self._packed: dict[int, tuple[Any, Any]] = {}
         self.running = RunningScales()
         self.original_bytes = 0  # bytes the packed tensors had
         self.device_bytes = 0  # bytes they take on the device after packing (0 when offloaded)
@@ -65,6 +69,8 @@ class SavedTensors:
     def reset_counters(self) -> None:
         self.original_bytes = self.device_bytes = self.host_bytes = 0
         self._order = []
+        self._packed = {}
+        self._param_storages = None
 
     # ----- what is packed ---------------------------------------------------------------------------
     def eligible(self, x: Tensor) -> bool:
@@ -72,9 +78,16 @@ class SavedTensors:
             return False
         if isinstance(x, nn.Parameter) or id(x._base) in self._param_ids:  # a parameter or a view of one
             return False
+        fn = x.grad_fn
+        if fn is not None and fn.name().startswith("ToCopyBackward") and fn.next_functions:
+            source = fn.next_functions[0][0]  # autocast's low-precision copy of a weight is not an activation
+            if id(getattr(source, "variable", None)) in self._param_ids:
+                return False
         if _symbolic(x):  # fake tensors (memory planning) have no real storage to compare
             return True
         try:
+            if self._param_storages is None:
+                self._param_storages = {p.untyped_storage().data_ptr() for p in self._params if not _symbolic(p)}
             return x.untyped_storage().data_ptr() not in self._param_storages
         except (RuntimeError, NotImplementedError):  # tensors without storage (some subclasses)
             return False
@@ -82,6 +95,15 @@ class SavedTensors:
     def pack(self, x: Tensor, slot: Any, per_group: bool) -> Any:
         if not self.eligible(x):
             return x
+        seen = self._packed.get(id(x))
+        if seen is not None and seen[0]() is x and seen[1]() is not None:
+            return seen[1]()
+        item = self._pack_new(x, slot, per_group)
+        if item is not x:
+            self._packed[id(x)] = (weakref.ref(x), weakref.ref(item))
+        return item
+
+    def _pack_new(self, x: Tensor, slot: Any, per_group: bool) -> Any:
         nbytes = x.numel() * x.element_size()
         self.original_bytes += nbytes
         item: Any = x
@@ -156,7 +178,7 @@ class SavedTensors:
         tensors = handle.on_device
         for t in tensors:
             t.record_stream(torch.cuda.current_stream())
-        handle.on_device, handle.host = None, []
+        handle.on_device = None  # the host copy stays until the graph is freed: a second backward can unpack again
         if handle.extra is not None:
             packed = handle.extra
             return Packed(tensors[0], tensors[1], packed.dtype, packed.shape, packed.grouped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_memkit.activations.checkpoint import is_checkpointed
@@ -66,7 +67,9 @@ class SavedTensorsTechnique(Technique):
             check_host_memory(self.config.offload_host_memory, host_memory_available())
 
     def setup_module(self, module: nn.Module) -> None:
-        chosen = {n: m for n, m in choose_modules(module, self.config.modules).items() if not is_checkpointed(m)}
+        checkpointed = [n for n, m in module.named_modules() if is_checkpointed(m)]
+        chosen = {n: m for n, m in choose_modules(module, self.config.modules).items()
+                  if not any(n == c or n.startswith(c + ".") for c in checkpointed)}  # inside a checkpoint: no
         if not chosen:
             return  # every chosen block is checkpointed: the checkpoint technique handles offload of its inputs
         self.manager = SavedTensors(self.config.compress, self.config.offload, self.config.scales,
@@ -74,7 +77,7 @@ class SavedTensorsTechnique(Technique):
         self._changed = install(chosen, self.manager, linear_per_group=self.config.compress == "fp8")
 
     def step_context(self) -> Any:
-        if self.manager is not None:
+        if self.manager is not None and torch.is_grad_enabled():  # training steps; validation saves nothing
             self.manager.reset_counters()
         return super().step_context()
 
