@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_memkit._tensors import is_symbolic
 from lightning_memkit.activations.compress import Packed, RunningScales, pack_fp8, pack_int8, unpack
 from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward
 
@@ -83,11 +84,11 @@ class SavedTensors:
             source = fn.next_functions[0][0]  # autocast's low-precision copy of a weight is not an activation
             if id(getattr(source, "variable", None)) in self._param_ids:
                 return False
-        if _symbolic(x):  # fake tensors (memory planning) have no real storage to compare
+        if is_symbolic(x):  # fake tensors (memory planning) have no real storage to compare
             return True
         try:
             if self._param_storages is None:
-                self._param_storages = {p.untyped_storage().data_ptr() for p in self._params if not _symbolic(p)}
+                self._param_storages = {p.untyped_storage().data_ptr() for p in self._params if not is_symbolic(p)}
             return x.untyped_storage().data_ptr() not in self._param_storages
         except (RuntimeError, NotImplementedError):  # tensors without storage (some subclasses)
             return False
@@ -183,12 +184,6 @@ class SavedTensors:
             packed = handle.extra
             return Packed(tensors[0], tensors[1], packed.dtype, packed.shape, packed.grouped)
         return tensors[0]
-
-
-def _symbolic(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.device.type == "meta" or is_fake(t)
 
 
 def host_memory_available() -> Optional[int]:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_memkit._imports import require
+from lightning_memkit._tensors import is_symbolic
 from lightning_memkit.loss.chunked import LossOptions, chunked_linear_cross_entropy
 from lightning_memkit.loss.reference import reference_linear_cross_entropy
 
@@ -46,7 +47,7 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tenso
     if z_loss < 0:
         raise ValueError(f"z_loss={z_loss!r} must be >= 0.")
     v = weight.shape[0]
-    if _is_symbolic(targets):  # fake / meta tensors (memory planning): values are unknown
+    if is_symbolic(targets):  # fake / meta tensors (memory planning): values are unknown
         return
     bad = ((targets < 0) | (targets >= v)) & (targets != ignore_index)
     if bool(bad.any()):  # a clear error here instead of a device-side assert later
@@ -55,12 +56,6 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tenso
             f"targets contain {int(bad.sum())} value(s) outside [0, {v}) that are not ignore_index={ignore_index} "
             f"(first: {first})."
         )
-
-
-def _is_symbolic(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.device.type == "meta" or is_fake(t)
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.float32,

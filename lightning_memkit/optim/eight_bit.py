@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_memkit._imports import require
+from lightning_memkit._tensors import is_symbolic
 
 BLOCKSIZE = 256
 
@@ -40,7 +41,7 @@ def quantized_bytes(numel: int) -> int:
 
 def quantize_state(x: Tensor, *, signed: bool) -> tuple[Tensor, Tensor]:
     """fp32 tensor -> (uint8 codes of x's numel, fp32 absmax per block of 256)."""
-    if _is_symbolic(x):  # memory planning on fake tensors: right shapes and dtypes, no values
+    if is_symbolic(x):  # memory planning on fake tensors: right shapes and dtypes, no values
         return (torch.empty(x.numel(), dtype=torch.uint8, device=x.device),
                 torch.empty(math.ceil(x.numel() / BLOCKSIZE), dtype=torch.float32, device=x.device))
     codes, qstate = _bnb_functional().quantize_blockwise(
@@ -51,17 +52,11 @@ def quantize_state(x: Tensor, *, signed: bool) -> tuple[Tensor, Tensor]:
 
 def dequantize_state(codes: Tensor, absmax: Tensor, *, signed: bool) -> Tensor:
     """Inverse of :func:`quantize_state`: a flat fp32 tensor."""
-    if _is_symbolic(codes):
+    if is_symbolic(codes):
         return torch.empty(codes.numel(), dtype=torch.float32, device=codes.device)
     return _bnb_functional().dequantize_blockwise(
         codes, absmax=absmax, code=_code(signed, codes.device), blocksize=BLOCKSIZE
     ).float()
-
-
-def _is_symbolic(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.device.type == "meta" or is_fake(t)
 
 
 BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_memkit._tensors import is_symbolic
+
 SIDES = ("left", "right")
 
 
@@ -145,15 +147,9 @@ def robust_svd_basis(grad: Tensor, rank: int, side: str) -> Tensor | None:
         if side not in SIDES:
             raise ValueError(f"unknown projector side {side!r}; expected one of {SIDES}")
         basis = u[:, :rank] if side == "left" else vh[:rank].t()
-        if _is_fake(basis) or bool(torch.isfinite(basis).all()):  # fake tensors (memory planning) have no values
+        if is_symbolic(basis) or bool(torch.isfinite(basis).all()):  # fake tensors (memory planning) have no values
             return basis.float().contiguous()
     return None
-
-
-def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.device.type == "meta" or is_fake(t)
 
 
 def _jitter_generator(device: torch.device) -> torch.Generator:
