@@ -5,7 +5,13 @@ Importing the package registers the ``memkit*`` strategy names with Lightning, s
 bitsandbytes, triton) are imported only when a feature needs them.
 """
 
-from lightning_memkit.config import ActivationsConfig, CrossEntropyConfig, MemKitConfigError
+from lightning_memkit.config import (
+    ActivationsConfig,
+    CrossEntropyConfig,
+    MemKitConfigError,
+    OptimizerConfig,
+    SequenceConfig,
+)
 from lightning_memkit.strategy import PRESETS, MemKitStrategy, register
 
 register()
@@ -37,6 +43,8 @@ __all__ = [
     "MemKitConfigError",
     "MemKitStrategy",
     "MemoryReport",
+    "OptimizerConfig",
+    "SequenceConfig",
     "TextDataModule",
     "__version__",
 ]

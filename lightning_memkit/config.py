@@ -441,3 +441,75 @@ def parse_optimizer(value: OptimizerSetting) -> OptimizerConfig:
         MemKitConfigError: unknown name or key, a setting the optimizer does not take, a bad value.
     """
     return _parse_setting("optimizer", value, OptimizerConfig, OPTIMIZER_SHORTHANDS)
+
+
+# --------------------------------------------------------------------------------------------------
+# sequence: chunked backpropagation along the sequence for long context
+# --------------------------------------------------------------------------------------------------
+
+#: "none": ordinary backprop. "seco": chunk-wise, exact. "spaco": SeCO with a random subset of the
+#: chunks back-propagated, unbiased (approximate). "streambp": layer-wise along the sequence, exact.
+SEQUENCE_METHODS = ("none", "seco", "spaco", "streambp")
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """Settings of the ``sequence`` family.
+
+    Attributes:
+        method: one of :data:`SEQUENCE_METHODS`.
+        chunk_size: tokens per chunk; the last chunk of a sequence may be shorter (any length works).
+        keep: SpaCO only: the probability with which each chunk is back-propagated; kept chunks are
+            scaled by ``1/keep`` (the compensation factor), so the gradient is unbiased.
+        seed: SpaCO only: seed of the chunk sampling (step ``n`` draws from ``(seed, n)``).
+    """
+
+    method: str = "none"
+    chunk_size: int = 2048
+    keep: Optional[float] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_choice("sequence.method", self.method, SEQUENCE_METHODS)
+        check_int("sequence.chunk_size", self.chunk_size, minimum=1)
+        if self.method != "spaco":
+            for key in ("keep", "seed"):
+                if getattr(self, key) is not None:
+                    raise MemKitConfigError(
+                        f"sequence.{key}={getattr(self, key)!r} is a SpaCO setting but sequence.method="
+                        f"{self.method!r}. Fix: drop sequence.{key}, or set sequence.method='spaco'."
+                    )
+            return
+        keep = 0.5 if self.keep is None else self.keep
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+            raise MemKitConfigError(
+                f"sequence.keep={self.keep!r} must be a probability in (0, 1]. Fix: e.g. 0.5 back-propagates half the "
+                "chunks on average (1.0 is SeCO)."
+            )
+        object.__setattr__(self, "keep", float(keep))
+        object.__setattr__(self, "seed", check_int("sequence.seed", 0 if self.seed is None else self.seed, minimum=0))
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def exact(self) -> bool:
+        return self.method in ("none", "seco", "streambp")
+
+
+SequenceSetting = Union[str, Mapping[str, Any], SequenceConfig, None]
+
+
+def parse_sequence(value: SequenceSetting) -> SequenceConfig:
+    """Turn the user's ``sequence=`` setting into a :class:`SequenceConfig`.
+
+    Args:
+        value: ``None`` or ``"none"`` (off); a method name (``"seco"``, ``"spaco"``, ``"streambp"``)
+            with the default chunk size; a mapping of :class:`SequenceConfig` fields such as
+            ``{"method": "streambp", "chunk_size": 1024}``; or a :class:`SequenceConfig`.
+
+    Raises:
+        MemKitConfigError: unknown method or key, bad value or wrong type.
+    """
+    return _parse_setting("sequence", value, SequenceConfig, {m: {"method": m} for m in SEQUENCE_METHODS})

@@ -30,9 +30,11 @@ from lightning_memkit.config import (
     CrossEntropyConfig,
     MemKitConfigError,
     OptimizerConfig,
+    SequenceConfig,
     parse_activations,
     parse_cross_entropy,
     parse_optimizer,
+    parse_sequence,
 )
 from lightning_memkit.techniques import Technique
 
@@ -50,7 +52,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 #: the technique-family arguments of MemKitStrategy
-MEMKIT_ARGUMENTS = ("activations", "cross_entropy", "optimizer")
+MEMKIT_ARGUMENTS = ("activations", "cross_entropy", "optimizer", "sequence")
 
 
 class MemKitStrategy(DDPStrategy):
@@ -69,6 +71,12 @@ class MemKitStrategy(DDPStrategy):
             ``"frugal"``, ``"adamw8bit"``, or a mapping of
             :class:`~lightning_memkit.config.OptimizerConfig` fields such as
             ``{"name": "apollo_mini", "in_backward": True}``.
+        sequence: sequence-chunked backpropagation for long context: ``"none"`` (default),
+            ``"streambp"`` or ``"seco"`` (exact), ``"spaco"`` (unbiased estimate), or a mapping of
+            :class:`~lightning_memkit.config.SequenceConfig` fields such as
+            ``{"method": "streambp", "chunk_size": 2048}``. It acts on losses computed with
+            :func:`~lightning_memkit.loss.causal_lm_loss` and on Hugging Face causal LMs called with
+            ``labels=``.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as in Lightning's ``DDPStrategy``; the
             Trainer fills most of them in.
@@ -86,6 +94,7 @@ class MemKitStrategy(DDPStrategy):
         activations: Union[str, dict[str, Any], ActivationsConfig, None] = None,
         cross_entropy: Union[str, dict[str, Any], CrossEntropyConfig, None] = "fused",
         optimizer: Union[str, dict[str, Any], OptimizerConfig, None] = None,
+        sequence: Union[str, dict[str, Any], SequenceConfig, None] = None,
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -100,6 +109,7 @@ class MemKitStrategy(DDPStrategy):
         self.activations = parse_activations(activations)
         self.cross_entropy = parse_cross_entropy(cross_entropy)
         self.optimizer_config = parse_optimizer(optimizer)
+        self.sequence = parse_sequence(sequence)
         _check_ddp_kwargs(ddp_kwargs)
         super().__init__(
             accelerator=accelerator,
@@ -129,6 +139,11 @@ class MemKitStrategy(DDPStrategy):
             from lightning_memkit.loss.technique import FusedCrossEntropyTechnique
 
             techniques.append(FusedCrossEntropyTechnique(self.cross_entropy))
+        if self.sequence.enabled:  # after the fused loss: its Hugging Face forward wraps the fused one
+            from lightning_memkit.sequence.technique import SequenceTechnique
+
+            in_backward = self.optimizer_config.enabled and self.optimizer_config.in_backward
+            techniques.append(SequenceTechnique(self.sequence, step_in_backward=in_backward))
         if self.optimizer_config.enabled:
             from lightning_memkit.optim.technique import OptimizerTechnique
 

@@ -106,3 +106,24 @@ def unwrap_forward(module: nn.Module, cls: type[ForwardWrapper]) -> None:
                 del module.forward
             return
         parent = wrapper
+
+
+def call_through_wrappers(
+    module: nn.Module, fn: Callable[..., Any], *args: Any, skip: tuple[type[ForwardWrapper], ...] = ()
+) -> Any:
+    """Run ``fn(*args)`` in place of ``module``'s own forward, inside the wrappers techniques put on it.
+
+    The module is not changed: each wrapper (outermost first, those of the classes in ``skip``
+    left out) is copied with ``fn`` as its innermost callable. This is how a computation that runs a
+    block piece by piece (the sequence methods) keeps the block's checkpointing and saved-tensor hooks.
+    """
+    import copy
+
+    call: Callable[..., Any] = fn
+    for wrapper in reversed(list(_chain(module))):
+        if isinstance(wrapper, skip):
+            continue
+        outer = copy.copy(wrapper)
+        outer.inner, outer.had_instance_forward = call, True
+        call = outer
+    return call(*args)

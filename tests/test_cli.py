@@ -121,3 +121,20 @@ def test_unknown_optimizer_in_recipe(tmp_path):
     recipe.write_text(open(RECIPE).read().replace("      cross_entropy: fused", "      optimizer: galore\n      cross_entropy: fused"))
     with pytest.raises(ValueError, match="optimizer='galore' is not a known name.*'galore_adamw'"):
         MemKitCLI(args=["--config", str(recipe)], run=False)
+
+
+def test_long_context_recipe(tmp_path):
+    recipe = os.path.join(ROOT, "recipes", "long_context.yaml")
+    cli = MemKitCLI(args=["--config", recipe, *fast_overrides(tmp_path), "--data.init_args.seq_len=64",
+                          "--trainer.strategy.init_args.sequence.chunk_size=16"], run=False)
+    config = cli.trainer.strategy.sequence
+    assert (config.method, config.chunk_size) == ("streambp", 16)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 3
+
+
+def test_unknown_sequence_method_in_recipe(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(open(RECIPE).read().replace("      cross_entropy: fused", "      sequence: streambp2\n      cross_entropy: fused"))
+    with pytest.raises(ValueError, match="sequence='streambp2' is not a known name"):
+        MemKitCLI(args=["--config", str(recipe)], run=False)

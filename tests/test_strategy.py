@@ -174,20 +174,26 @@ def test_optimizer_and_step_points(trainer_kwargs):
     assert technique.entered == 3  # once per training step
 
 
-@pytest.mark.slow
-def test_ddp_two_cpu_processes_match_one_process(tmp_path):
-    """2 processes (gloo), half the batch each, give the weights of one process on the whole batch."""
+def _ddp_fits(tmp_path, *extra: str, devices: tuple[int, ...] = (1, 2)) -> dict:
     script = os.path.join(HERE, "helpers", "ddp_fit.py")
     env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
     outs = {}
-    for devices in (1, 2):
-        out = tmp_path / f"weights_{devices}.pt"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for n in devices:
+        out = tmp_path / f"weights_{n}.pt"
         proc = subprocess.run(
-            [sys.executable, script, "--devices", str(devices), "--out", str(out)],
+            [sys.executable, script, "--devices", str(n), "--out", str(out), *extra],
             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        outs[devices] = torch.load(out, weights_only=True)
+        outs[n] = torch.load(out, weights_only=True)
+    return outs
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(tmp_path):
+    """2 processes (gloo), half the batch each, give the weights of one process on the whole batch."""
+    outs = _ddp_fits(tmp_path)
     assert outs[2]["world_size"] == 2 and outs[1]["world_size"] == 1
     assert outs[2]["wrapped_in_ddp"] and not outs[1]["wrapped_in_ddp"]
     assert outs[2]["checkpointed_blocks"] == outs[1]["checkpointed_blocks"] == 2
@@ -219,3 +225,15 @@ def test_forward_wrappers_stack_and_unwrap_in_any_order():
             remove_checkpointing([block])
         assert "forward" not in block.__dict__
         torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.slow
+def test_ddp_with_sequence_chunked_backprop(tmp_path):
+    """StreamBP under DDP (gradients returned through the outer backward to DDP's reducer): 2 processes give
+    the weights of one process, which equal plain backprop's."""
+    outs = _ddp_fits(tmp_path, "--sequence", '{"method": "streambp", "chunk_size": 10}')
+    assert outs[2]["wrapped_in_ddp"] and outs[2]["world_size"] == 2
+    plain = _ddp_fits(tmp_path / "plain", devices=(1,))
+    for name, value in plain[1]["state"].items():
+        torch.testing.assert_close(outs[1]["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(outs[2]["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)

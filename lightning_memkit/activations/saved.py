@@ -28,6 +28,10 @@ from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_for
 PREFETCH = 2
 
 
+_VIEW_NODES = ("TBackward", "ViewBackward", "UnsafeViewBackward", "TransposeBackward", "PermuteBackward",
+               "ExpandBackward", "AliasBackward")
+
+
 class _Offloaded:
     """A tensor (or a Packed's codes and scale) in pinned host memory, and its way back."""
 
@@ -79,11 +83,18 @@ class SavedTensors:
             return False
         if isinstance(x, nn.Parameter) or id(x._base) in self._param_ids:  # a parameter or a view of one
             return False
-        fn = x.grad_fn
-        if fn is not None and fn.name().startswith("ToCopyBackward") and fn.next_functions:
-            source = fn.next_functions[0][0]  # autocast's low-precision copy of a weight is not an activation
-            if id(getattr(source, "variable", None)) in self._param_ids:
-                return False
+        # autocast's low-precision copy of a weight (or a transposed / reshaped view of it, as linear layers
+        # save it) is not an activation: follow view-like nodes down to a ToCopy of a parameter
+        fn, copied = x.grad_fn, False
+        while fn is not None and fn.next_functions:
+            name = fn.name()
+            if name.startswith("ToCopyBackward"):
+                copied = True
+            elif not name.startswith(_VIEW_NODES):
+                break
+            fn = fn.next_functions[0][0]
+        if copied and id(getattr(fn, "variable", None)) in self._param_ids:
+            return False
         if is_symbolic(x):  # fake tensors (memory planning) have no real storage to compare
             return True
         try:

@@ -71,8 +71,15 @@ def causal_lm_loss(
     With the strategy's ``cross_entropy="fused"`` active, computed from ``model.forward_hidden`` and
     ``model.lm_head`` by :func:`~lightning_memkit.loss.linear_cross_entropy` (no logits); otherwise
     ``F.cross_entropy(model(input_ids).float(), labels)``. Both give the same value and gradients.
+    With the strategy's ``sequence=`` active, the loss comes from
+    :func:`~lightning_memkit.sequence.sequence_loss` (same value, gradients by SeCO / SpaCO / StreamBP).
     ``shift=True`` when ``labels`` are the inputs themselves (position i predicts labels[i + 1]).
     """
+    from lightning_memkit.sequence.toggle import active_sequence
+
+    sequence = active_sequence()
+    if sequence is not None:  # SeCO / SpaCO / StreamBP (they use the fused loss per chunk when it is on)
+        return sequence.loss(model, input_ids, labels, ignore_index=ignore_index, shift=shift)
     config = active_cross_entropy()
     if config is not None:
         head = model.lm_head

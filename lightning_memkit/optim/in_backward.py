@@ -66,6 +66,8 @@ class StepInBackward(torch.optim.Optimizer):
     # ----- hooks ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
+        if p.grad is None:  # a custom autograd node returned no gradient for it (nothing to apply)
+            return
         opt = self.optimizer
         projected = opt.is_lowrank(p) and opt.accumulates_projected
         if projected:

@@ -311,3 +311,19 @@ def test_every_activation_mode_fits_through_the_strategy(trainer_kwargs):
             trainer.fit(UserModule())
         assert trainer.global_step == 2
         assert all(t.describe() for t in trainer.strategy.techniques)
+
+
+def test_autocast_weight_copies_are_not_packed_even_transposed():
+    """A linear layer under autocast saves the transposed bf16 copy of its weight: not an activation."""
+    lin = torch.nn.Linear(64, 64)
+    manager = SavedTensors("int8", False, "exact", 16, list(lin.parameters()))
+    seen = []
+
+    def pack(x):
+        seen.append((x.grad_fn.name() if x.grad_fn is not None else None, manager.eligible(x)))
+        return x
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        lin(torch.randn(8, 64, requires_grad=True))
+    assert ("TBackward0", False) in seen  # the weight's copy is left alone
+    assert ("ToCopyBackward0", True) in seen  # the input's copy is an activation

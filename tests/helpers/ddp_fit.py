@@ -1,4 +1,5 @@
-"""Fit the tiny reference model for two SGD steps with strategy="memkit_checkpoint" on N CPU processes.
+"""Fit the tiny reference model for two SGD steps with strategy="memkit_checkpoint" on N CPU processes
+(with ``--sequence``: plus a sequence-chunked backprop method).
 
 The data is 4 sequences and the global batch is 4 (all 4 on one process, or 2 on each of two), so
 every step sees the same sequences whatever order Lightning's DistributedSampler shuffles them into
@@ -6,13 +7,14 @@ every step sees the same sequences whatever order Lightning's DistributedSampler
 """
 
 import argparse
+import json
 
 import lightning.pytorch as pl
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-import lightning_memkit  # noqa: F401
+import lightning_memkit
 from lightning_memkit.activations import is_checkpointed
 from lightning_memkit.module import CausalLMModule
 
@@ -32,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--sequence", default=None, help="a MemKitStrategy sequence= setting, as JSON")
     args = parser.parse_args()
     pl.seed_everything(0)
     module = SGDModule(model="tiny")
@@ -40,8 +43,11 @@ def main() -> None:
     data = [{"input_ids": row[:-1], "labels": row[1:]} for row in ids]
     loader = DataLoader(data, batch_size=4 // args.devices, shuffle=False)
     probe = Probe()
+    strategy = "memkit_checkpoint"
+    if args.sequence is not None:
+        strategy = lightning_memkit.MemKitStrategy(activations="checkpoint", sequence=json.loads(args.sequence))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=args.devices, strategy="memkit_checkpoint", max_steps=2, logger=False,
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
     )
     trainer.fit(module, train_dataloaders=loader)

@@ -1,0 +1,154 @@
+"""``MemKitStrategy(sequence=...)`` as a technique."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+
+from lightning_memkit.config import MemKitConfigError, SequenceConfig
+from lightning_memkit.sequence.adapter import SequenceAdapter, find_adapter
+from lightning_memkit.sequence.core import BlockCall
+from lightning_memkit.sequence.toggle import SequenceRuntime, patch_hf_forward, unpatch_hf_forward, use_sequence
+from lightning_memkit.techniques import Technique, call_through_wrappers
+
+
+def drivable_models(module: nn.Module) -> tuple[list[tuple[nn.Module, SequenceAdapter]], list[str]]:
+    """The causal LMs under ``module`` the sequence methods can drive, outermost first (an ``HFCausalLM``
+    and the Hugging Face model inside it count once), and why each recognized one that cannot be
+    driven cannot (e.g. a teacher or reward model of another family)."""
+    found: list[tuple[nn.Module, SequenceAdapter]] = []
+    refused: list[str] = []
+    taken: set[int] = set()
+    for name, m in module.named_modules():
+        if id(m) in taken:
+            continue
+        try:
+            adapter = find_adapter(m)
+        except MemKitConfigError as err:
+            refused.append(f"{name or type(m).__name__}: {err}")
+            taken.update(id(sub) for sub in m.modules())
+            continue
+        if adapter is None:
+            continue
+        found.append((m, adapter))
+        taken.update(id(sub) for sub in m.modules())
+    return found, refused
+
+
+def wrapped_block_call(method: str) -> BlockCall:
+    """How the method runs a block on a chunk: inside the wrappers other techniques put on the block
+    (saved-tensor compression and offload; checkpointing for SeCO / SpaCO). StreamBP already keeps only
+    the blocks' inputs, so a checkpoint wrapper would only recompute each chunk a second time: skipped."""
+    skip: tuple[type, ...] = ()
+    if method == "streambp":
+        from lightning_memkit.activations.checkpoint import _CheckpointedForward
+
+        skip = (_CheckpointedForward,)
+
+    def call(block: nn.Module, fn: Any, *args: Any) -> Any:
+        return call_through_wrappers(block, fn, *args, skip=skip)
+
+    return call
+
+
+class SequenceTechnique(Technique):
+    """Activates the sequence method around every step and patches Hugging Face causal LMs."""
+
+    name = "sequence"
+
+    def __init__(self, config: SequenceConfig, step_in_backward: bool = False) -> None:
+        self.config = config
+        self.step_in_backward = step_in_backward
+        self.exact = config.exact  # type: ignore[misc]
+        self._trainer: Any = None
+        self._models: list[nn.Module] = []
+        self._patched: list[nn.Module] = []
+        self._runtime: Optional[SequenceRuntime] = None
+        self._checked = False
+
+    def describe(self) -> str:
+        c = self.config
+        what = {"seco": "SeCO (exact)", "streambp": "StreamBP (exact)",
+                "spaco": f"SpaCO (unbiased estimate, keep={c.keep}, seed={c.seed})"}[c.method]
+        return f"sequence-chunked backprop: {what}, chunks of {c.chunk_size} tokens, {len(self._models)} model(s)"
+
+    def setup_trainer(self, trainer: Any) -> None:
+        self._trainer = trainer
+
+    def setup_module(self, module: nn.Module) -> None:
+        from lightning_memkit.loss.toggle import is_hf_causal_lm
+
+        c = self.config
+        models, refused = drivable_models(module)
+        if refused and not models:
+            raise MemKitConfigError(f"sequence={c.method!r} cannot drive the model: {refused[0]}")
+        if refused:
+            rank_zero_warn(f"memkit: sequence={c.method!r} leaves these models to ordinary backprop: {'; '.join(refused)}")
+        for model, _ in models:
+            hf = getattr(model, "hf", model)
+            if getattr(hf, "is_gradient_checkpointing", False):
+                rank_zero_warn(
+                    "memkit: the Hugging Face model has gradient checkpointing enabled; the sequence methods run "
+                    "its blocks piece by piece, so that setting has no effect. Fix: use activations='checkpoint' "
+                    "(SeCO / SpaCO apply it per chunk; StreamBP needs none)."
+                )
+        if not models:
+            raise MemKitConfigError(
+                f"sequence={c.method!r} found no causal LM it can drive in {type(module).__name__}: it drives the "
+                "reference Transformer, HFCausalLM, Hugging Face Llama/Qwen2/Mistral *ForCausalLM models, and models "
+                "with memkit_sequence_adapter(). Fix: keep the model as an attribute of the LightningModule and "
+                "compute the loss with lightning_memkit.loss.causal_lm_loss(model, input_ids, labels) (or call the "
+                "Hugging Face model with labels=), or define memkit_sequence_adapter() on your model."
+            )
+        seq_len = getattr(getattr(self._trainer, "datamodule", None), "seq_len", None)
+        for model, adapter in models:
+            if c.chunk_size > adapter.max_seq_len:
+                raise MemKitConfigError(
+                    f"sequence.chunk_size={c.chunk_size} is longer than {type(model).__name__}'s max_seq_len="
+                    f"{adapter.max_seq_len}. Fix: set sequence.chunk_size <= {adapter.max_seq_len} (any length "
+                    "works; it need not divide the sequence length)."
+                )
+            if isinstance(seq_len, int):
+                try:
+                    adapter.check_length(seq_len)
+                except ValueError as err:
+                    raise MemKitConfigError(f"data.seq_len={seq_len}: {err}") from None
+        self._models = [m for m, _ in models]
+        self._patched = [m for m in self._models if is_hf_causal_lm(m) and patch_hf_forward(m)]
+        self._runtime = SequenceRuntime(c, wrapped_block_call(c.method), self._draw_index,
+                                        early_gradients=self.step_in_backward)
+        self._checked = False
+
+    def _draw_index(self) -> int:
+        """SpaCO's draw for this micro-batch: the Trainer's batch counter (restored on resume)."""
+        loop = getattr(getattr(self._trainer, "fit_loop", None), "epoch_loop", None)
+        return int(loop.batch_progress.total.ready) if loop is not None else 0
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[None]:
+        runtime = self._runtime
+        before = runtime.calls if runtime is not None else 0
+        if runtime is not None:
+            runtime.calls_this_step = 0
+        with use_sequence(runtime):
+            yield
+        if not self._checked and runtime is not None:
+            self._checked = True
+            if runtime.calls == before:
+                rank_zero_warn(
+                    f"memkit: sequence={self.config.method!r} is on, but the first step computed its loss without it. "
+                    "It acts through lightning_memkit.loss.causal_lm_loss(model, input_ids, labels) and Hugging Face "
+                    "causal LMs called with labels=; call one of them in your step."
+                )
+
+    def step_context(self) -> contextlib.AbstractContextManager:
+        return self._step()
+
+    def teardown(self, module: nn.Module) -> None:
+        for m in self._patched:
+            unpatch_hf_forward(m)
+        self._patched = []
+        self._runtime = None

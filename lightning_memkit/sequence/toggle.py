@@ -1,0 +1,145 @@
+"""The ``sequence=`` toggle: how a model's loss picks up SeCO / SpaCO / StreamBP without code changes.
+
+``MemKitStrategy`` activates a :class:`SequenceRuntime` around every step (a context variable).
+:func:`~lightning_memkit.loss.causal_lm_loss` asks :func:`active_sequence` first; Hugging Face
+``*ForCausalLM`` models called with ``labels=`` get their ``forward`` wrapped for the fit
+(:func:`patch_hf_forward`): the loss comes from :func:`~lightning_memkit.sequence.sequence_loss` and
+the output's ``logits`` is ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_memkit.config import SequenceConfig
+from lightning_memkit.sequence.core import BlockCall, direct_call
+from lightning_memkit.techniques import ForwardWrapper, find_forward_wrapper, unwrap_forward, wrap_forward
+
+
+class SequenceRuntime:
+    """The sequence setting in force: the config, how blocks are called, where SpaCO's draws come from."""
+
+    def __init__(self, config: SequenceConfig, call: BlockCall = direct_call,
+                 step: Callable[[], int] = lambda: 0, early_gradients: bool = False) -> None:
+        self.config, self.call, self.step = config, call, step
+        self.early_gradients = early_gradients
+        self.calls = 0
+        self.calls_this_step = 0
+
+    def loss(self, model: nn.Module, input_ids: Tensor, labels: Tensor, *, ignore_index: int = -100,
+             shift: bool = False, reduction: str = "mean") -> Tensor:
+        from lightning_memkit.loss.toggle import _count_fused_call, active_cross_entropy
+        from lightning_memkit.sequence.api import sequence_loss
+
+        self.calls += 1
+        c = self.config
+        early = self.early_gradients and c.method == "streambp" and torch.is_grad_enabled()
+        if early:
+            self.calls_this_step += 1
+            if self.calls_this_step > 1:
+                raise RuntimeError(
+                    "sequence='streambp' with a step-in-backward optimizer hands each block's gradients to the "
+                    "optimizer as soon as the block is done, so the step's loss must come from one causal_lm_loss "
+                    "call; this step made a second one. Fix: one call per training step (concatenate the "
+                    "sequences into one batch), or set optimizer.in_backward=false."
+                )
+        cross_entropy = active_cross_entropy()
+        if cross_entropy is not None:  # each chunk's loss is the fused one
+            _count_fused_call()
+        return sequence_loss(
+            model, input_ids, labels, method=c.method, chunk_size=c.chunk_size, keep=c.keep, seed=c.seed,
+            step=self.step(), ignore_index=ignore_index, shift=shift, cross_entropy=cross_entropy, call=self.call,
+            reduction=reduction, early_gradients=early,
+        )
+
+
+_ACTIVE: contextvars.ContextVar[Optional[SequenceRuntime]] = contextvars.ContextVar("memkit_sequence", default=None)
+
+
+def active_sequence() -> Optional[SequenceRuntime]:
+    """The sequence method in force for this step, or None (ordinary backprop)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def use_sequence(runtime: Optional[SequenceRuntime]) -> Iterator[None]:
+    """Make ``runtime`` the active sequence method inside the block (None: off)."""
+    token = _ACTIVE.set(runtime if runtime is not None and runtime.config.enabled else None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+class _SequenceHFForward(ForwardWrapper):
+    """Replaces a HF ``*ForCausalLM.forward``: called with labels while the toggle is active, the loss
+    comes from the sequence method and no logits are returned."""
+
+    def __init__(self, module: nn.Module, inner: Any, had_instance_forward: bool) -> None:
+        super().__init__(inner, had_instance_forward)
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        runtime = active_sequence()
+        if runtime is None:
+            return self.inner(*args, **kwargs)
+        from lightning_memkit.loss.toggle import _as_keywords
+
+        if args:
+            kwargs = _as_keywords(self.inner, args, kwargs)
+        labels = kwargs.get("labels")
+        if labels is None:
+            return self.inner(**kwargs)
+        if kwargs.get("return_dict") is False:
+            raise ValueError(
+                f"sequence={runtime.config.method!r} returns the loss in a CausalLMOutputWithPast; the call asked "
+                "for return_dict=False. Fix: call the model with return_dict left at its default."
+            )
+        extra = sorted(
+            k for k, v in kwargs.items()
+            if v is not None and k not in ("input_ids", "labels", "attention_mask", "num_items_in_batch", "use_cache",
+                                           "return_dict", "logits_to_keep")
+        )
+        if extra:
+            raise ValueError(
+                f"sequence={runtime.config.method!r} drives the model from input_ids and labels only, but the call "
+                f"also passed {extra}. Fix: call the model with input_ids and labels (right padding marked -100 in "
+                "the labels), or train without sequence=."
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError(
+                f"sequence={runtime.config.method!r} got an attention_mask with padding; the sequence methods apply "
+                "causal attention to the whole row. Fix: pad on the right and mark the padding -100 in the labels "
+                "(causal attention never lets earlier tokens see it), or train without sequence=."
+            )
+        input_ids = kwargs["input_ids"]
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is None:
+            loss = runtime.loss(self.module, input_ids, labels, ignore_index=-100, shift=True)
+        else:  # Hugging Face's convention under accumulation: the sum over the micro-batch / num_items
+            loss = runtime.loss(self.module, input_ids, labels, ignore_index=-100, shift=True, reduction="sum")
+            loss = loss / (num_items.to(loss.device) if isinstance(num_items, Tensor) else num_items)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def patch_hf_forward(module: nn.Module) -> bool:
+    """Route ``module.forward(labels=...)`` through the sequence method while the toggle is active."""
+    if find_forward_wrapper(module, _SequenceHFForward) is not None:
+        return False
+    wrap_forward(module, lambda inner, had: _SequenceHFForward(module, inner, had))
+    return True
+
+
+def unpatch_hf_forward(module: nn.Module) -> None:
+    unwrap_forward(module, _SequenceHFForward)
+
+
+__all__ = ["SequenceRuntime", "active_sequence", "use_sequence", "patch_hf_forward", "unpatch_hf_forward"]
