@@ -388,3 +388,25 @@ def test_adapters_do_not_keep_models_alive():
     del model
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+])
+def test_hugging_face_rope_scaling_is_the_models_own(rope):
+    hf = tiny_hf("llama", rope_parameters={"rope_theta": 5000.0, **rope}).train()
+    assert hf.model.rotary_emb.rope_type == rope["rope_type"]
+    ids, labels = _batch(101, t=40)
+    hf.zero_grad(set_to_none=True)
+    loss0 = hf(input_ids=ids, labels=labels).loss
+    loss0.backward()
+    exact = {n: p.grad.clone() for n, p in hf.named_parameters()}
+    hf.zero_grad(set_to_none=True)
+    loss = sequence_loss(hf, ids, labels, method="streambp", chunk_size=12, shift=True)
+    loss.backward()
+    torch.testing.assert_close(loss, loss0.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in hf.named_parameters():
+        torch.testing.assert_close(p.grad, exact[n], rtol=1e-4, atol=1e-6, msg=n)
