@@ -20,6 +20,7 @@ heads, E head dim.
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Optional
 
 import torch
@@ -29,11 +30,12 @@ from torch import Tensor, nn
 from lightning_memkit.config import MemKitConfigError
 
 
-class SequenceAdapter:
+class SequenceAdapter(abc.ABC):
     """The pieces of a pre-norm decoder-only causal LM (x + attn(norm(x)), then + mlp(norm(.))).
 
     Subclasses set :attr:`model`, :attr:`blocks`, :attr:`n_heads`, :attr:`n_kv_heads`,
-    :attr:`head_dim` and :attr:`max_seq_len`, and define the methods below. Every method must be a
+    :attr:`head_dim` and :attr:`max_seq_len`, and define the abstract methods below (a subclass that
+    leaves one out cannot be instantiated). Every method must be a
     pure function of its inputs (no dropout, no state), so that recomputing a chunk reproduces it.
     """
 
@@ -46,37 +48,42 @@ class SequenceAdapter:
     #: the longest span attention may cover (None: unlimited; sliding-window models set it)
     window: Optional[int] = None
 
+    @abc.abstractmethod
     def embed(self, input_ids: Tensor) -> Tensor:
         """(B, c) token ids -> (B, c, D)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def rope(self, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin for integer ``positions`` (c,), broadcastable against (B, heads, c, E)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def attn_norm(self, block: nn.Module, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The norm before attention, (B, c, D) -> (B, c, D)."""
 
+    @abc.abstractmethod
     def qkv(self, block: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normed input (B, c, D) -> q (B, H, c, E), k and v (B, K, c, E), with RoPE applied to q and k."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def attn_out(self, block: nn.Module, y: Tensor) -> Tensor:
         """Attention output (B, c, H*E) -> (B, c, D) (the output projection)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def mlp_norm(self, block: nn.Module, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The norm before the MLP, (B, c, D) -> (B, c, D)."""
 
+    @abc.abstractmethod
     def mlp(self, block: nn.Module, h: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The MLP on the normed input, (B, c, D) -> (B, c, D)."""
 
+    @abc.abstractmethod
     def final_norm(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The norm after the last block, (B, c, D) -> (B, c, D)."""
 
     @property
+    @abc.abstractmethod
     def lm_head(self) -> nn.Linear:
-        raise NotImplementedError
+        """The output projection (its ``weight`` and ``bias`` are used)."""
 
     @property
     def embedding(self) -> Optional[nn.Module]:

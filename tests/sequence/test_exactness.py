@@ -410,3 +410,36 @@ def test_hugging_face_rope_scaling_is_the_models_own(rope):
     torch.testing.assert_close(loss, loss0.detach(), rtol=1e-5, atol=1e-6)
     for n, p in hf.named_parameters():
         torch.testing.assert_close(p.grad, exact[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_model_with_its_own_adapter(fp32_model):
+    """The documented way for other architectures: memkit_sequence_adapter() returning a SequenceAdapter."""
+    from lightning_memkit.sequence import ReferenceAdapter, SequenceAdapter
+
+    class Wrapped(torch.nn.Module):  # an architecture memkit does not know, exposing its pieces
+        def __init__(self):
+            super().__init__()
+            self.net = Transformer(get_config("tiny", n_layers=3))
+            self.net.load_state_dict(fp32_model.state_dict())
+
+        def forward(self, ids):
+            return self.net(ids)
+
+        def memkit_sequence_adapter(self):
+            return ReferenceAdapter(self.net)
+
+    model = Wrapped()
+    ids, labels = _batch(model.net.vocab_size)
+    _, exact = _full(model, ids, labels)
+    _, grads = _chunked(model, ids, labels, method="seco", chunk_size=10)
+    assert _max_rel(grads, exact) < 1e-4
+
+    class Incomplete(SequenceAdapter):  # forgets most pieces
+        def embed(self, input_ids):
+            return input_ids
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
+    model.memkit_sequence_adapter = lambda: object()
+    with pytest.raises(MemKitConfigError, match="must return a lightning_memkit.sequence.SequenceAdapter"):
+        get_adapter(model)
