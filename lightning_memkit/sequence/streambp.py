@@ -42,6 +42,8 @@ class StreamBP:
         # a loss that never materializes logits (the fused one) takes the whole sequence at once: one
         # head-weight gradient instead of one per chunk added into another
         self.whole_sequence_loss = loss_streams
+        self.head_graph: Optional[tuple] = None  # (normed hidden states, loss, head parameters)
+        self.head_names: list[str] = []
         self.inputs: list[Optional[Tensor]] = []  # each block's input (B, T, D)
         self.last: Optional[Tensor] = None  # the last block's output
         self.rope: Optional[tuple[Tensor, Tensor]] = None
@@ -85,17 +87,43 @@ class StreamBP:
         assert total is not None
         return total
 
+    def _normed(self, x: Tensor) -> Tensor:
+        """The final norm of ``x`` (B, T, D), chunk by chunk, without gradients."""
+        normed: Optional[Tensor] = None
+        with torch.no_grad():
+            for s, e in self.spans:
+                h = self.ad.final_norm(x[:, s:e])
+                if normed is None:
+                    normed = h.new_empty(h.shape[0], x.shape[1], h.shape[2])
+                normed[:, s:e] = h
+        assert normed is not None
+        return normed
+
     def forward(self, keep_inputs: bool = True) -> Tensor:
-        """The summed loss (no gradients); with ``keep_inputs`` the blocks' inputs are kept for backward."""
+        """The summed loss (no gradients); with ``keep_inputs`` the blocks' inputs are kept for backward.
+
+        With the fused loss and ``keep_inputs``, the loss on the whole sequence is computed here with its
+        graph (the fused loss makes its gradients in the same pass as its value), and the backward
+        takes the gradients from it: the head is not run a second time.
+        """
         x = self._embed()
         self.inputs = []
         for block in self.ad.blocks:
             if keep_inputs:
                 self.inputs.append(x)
             x = self._block_forward(block, x)
-        if keep_inputs:
-            self.last = x
-        return self._loss(x)
+        if not keep_inputs:
+            return self._loss(x)
+        self.last = x
+        if not self.whole_sequence_loss:
+            return self._loss(x)
+        normed = self._normed(x).requires_grad_()
+        head = self.ad.lm_head
+        self.head_names = [n for n, p in head.named_parameters() if p.requires_grad]
+        with torch.enable_grad():
+            loss = self.loss_fn(normed, self.targets)
+        self.head_graph = (normed, loss, [getattr(head, n) for n in self.head_names])
+        return loss.detach()
 
     def backward(self, scale: Tensor, block_done: Optional[Callable[[int], None]] = None,
                  head_done: Optional[Callable[[], None]] = None) -> None:
@@ -104,20 +132,19 @@ class StreamBP:
         ad = self.ad
         assert self.last is not None
         grad = torch.empty_like(self.last)
-        if self.whole_sequence_loss:
-            # the final norm chunk by chunk into a buffer, the loss on the whole buffer (one head-weight
-            # gradient, no logits), then the norm's backward chunk by chunk: no whole-sequence fp32 norm graph
-            normed: Optional[Tensor] = None
-            with torch.no_grad():
-                for s, e in self.spans:
-                    h = ad.final_norm(self.last[:, s:e])
-                    if normed is None:
-                        normed = h.new_empty(h.shape[0], self.last.shape[1], h.shape[2])
-                    normed[:, s:e] = h
-            assert normed is not None
-            normed.requires_grad_()
-            torch.autograd.backward(self.loss_fn(normed, self.targets) * scale)
-            normed_grad, normed = normed.grad, None
+        if self.head_graph is not None:
+            # the loss on the whole normed sequence was computed in the forward with its graph (one
+            # head-weight gradient, no logits); the final norm's backward then goes chunk by chunk
+            normed, loss, params = self.head_graph
+            self.head_graph = None
+            grads = torch.autograd.grad(loss, [normed, *params], grad_outputs=scale.to(loss.dtype))
+            del loss, normed, params
+            normed_grad = grads[0]
+            head = ad.lm_head  # inside the backward: the parameters' aliases, which collect the gradients
+            for name, g in zip(self.head_names, grads[1:]):
+                alias = getattr(head, name)
+                alias.grad = g if alias.grad is None else alias.grad + g
+            del grads, g
             for s, e in self.spans:
                 x = self.last[:, s:e].detach().requires_grad_()
                 torch.autograd.backward(ad.final_norm(x), normed_grad[:, s:e])
@@ -159,4 +186,4 @@ class StreamBP:
         self.free()
 
     def free(self) -> None:
-        self.inputs, self.last, self.rope = [], None, None
+        self.inputs, self.last, self.rope, self.head_graph = [], None, None, None

@@ -124,7 +124,10 @@ def test_fused_cross_entropy_per_chunk_is_exact(fp32_model):
         assert _max_rel(grads, exact) < 1e-4
 
 
-def test_shifted_labels_and_tied_embeddings():
+@pytest.mark.parametrize("fused", [False, True])
+def test_shifted_labels_and_tied_embeddings(fused):
+    from lightning_memkit.config import CrossEntropyConfig
+
     torch.manual_seed(1)
     model = Transformer(get_config("tiny", tie_embeddings=True))
     ids = torch.randint(0, model.vocab_size, (2, 30))
@@ -133,7 +136,8 @@ def test_shifted_labels_and_tied_embeddings():
     F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     exact = {n: p.grad.clone() for n, p in model.named_parameters()}
     for method in EXACT:
-        _, grads = _chunked(model, ids, ids, method=method, chunk_size=8, shift=True)
+        ce = CrossEntropyConfig(impl="chunked") if fused else None
+        _, grads = _chunked(model, ids, ids, method=method, chunk_size=8, shift=True, cross_entropy=ce)
         assert _max_rel(grads, exact) < 1e-4, method
 
 
