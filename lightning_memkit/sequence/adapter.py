@@ -128,7 +128,32 @@ def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-class ReferenceAdapter(SequenceAdapter):
+class _LlamaLayoutAdapter(SequenceAdapter):
+    """Blocks whose attention module has ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears and whose
+    MLP is ``block.mlp`` (the reference model and the Hugging Face Llama family)."""
+
+    @abc.abstractmethod
+    def attention(self, block: nn.Module) -> nn.Module:
+        """The block's attention module."""
+
+    def qkv(self, block: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q = _apply_rope(_heads_view(self.attention(block).q_proj(h), self.n_heads, self.head_dim), cos, sin)
+        k, v = self.kv(block, h, cos, sin)
+        return q, k, v
+
+    def kv(self, block: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        attn = self.attention(block)
+        k = _apply_rope(_heads_view(attn.k_proj(h), self.n_kv_heads, self.head_dim), cos, sin)
+        return k, _heads_view(attn.v_proj(h), self.n_kv_heads, self.head_dim)
+
+    def attn_out(self, block: nn.Module, y: Tensor) -> Tensor:
+        return self.attention(block).o_proj(y)
+
+    def mlp(self, block: nn.Module, h: Tensor) -> Tensor:
+        return block.mlp(h)
+
+
+class ReferenceAdapter(_LlamaLayoutAdapter):
     """The reference :class:`~lightning_memkit.models.Transformer`."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -154,25 +179,11 @@ class ReferenceAdapter(SequenceAdapter):
     def attn_norm(self, block: nn.Module, x: Tensor) -> Tensor:
         return block.attn_norm(x)
 
-    def qkv(self, block: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        attn = block.attn
-        q = _apply_rope(_heads_view(attn.q_proj(h), self.n_heads, self.head_dim), cos, sin)
-        k, v = self.kv(block, h, cos, sin)
-        return q, k, v
-
-    def kv(self, block: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        attn = block.attn
-        k = _apply_rope(_heads_view(attn.k_proj(h), self.n_kv_heads, self.head_dim), cos, sin)
-        return k, _heads_view(attn.v_proj(h), self.n_kv_heads, self.head_dim)
-
-    def attn_out(self, block: nn.Module, y: Tensor) -> Tensor:
-        return block.attn.o_proj(y)
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.attn
 
     def mlp_norm(self, block: nn.Module, x: Tensor) -> Tensor:
         return block.mlp_norm(x)
-
-    def mlp(self, block: nn.Module, h: Tensor) -> Tensor:
-        return block.mlp(h)
 
     def final_norm(self, x: Tensor) -> Tensor:
         return self.model.norm(x)
@@ -188,7 +199,7 @@ HF_SEQUENCE_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class HFAdapter(SequenceAdapter):
+class HFAdapter(_LlamaLayoutAdapter):
     """A Hugging Face Llama / Qwen2 / Mistral ``*ForCausalLM`` (the model's own modules are used)."""
 
     def __init__(self, hf: nn.Module) -> None:
@@ -256,24 +267,11 @@ class HFAdapter(SequenceAdapter):
     def attn_norm(self, block: nn.Module, x: Tensor) -> Tensor:
         return block.input_layernorm(x)
 
-    def qkv(self, block: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q = _apply_rope(_heads_view(block.self_attn.q_proj(h), self.n_heads, self.head_dim), cos, sin)
-        k, v = self.kv(block, h, cos, sin)
-        return q, k, v
-
-    def kv(self, block: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        attn = block.self_attn
-        k = _apply_rope(_heads_view(attn.k_proj(h), self.n_kv_heads, self.head_dim), cos, sin)
-        return k, _heads_view(attn.v_proj(h), self.n_kv_heads, self.head_dim)
-
-    def attn_out(self, block: nn.Module, y: Tensor) -> Tensor:
-        return block.self_attn.o_proj(y)
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.self_attn
 
     def mlp_norm(self, block: nn.Module, x: Tensor) -> Tensor:
         return block.post_attention_layernorm(x)
-
-    def mlp(self, block: nn.Module, h: Tensor) -> Tensor:
-        return block.mlp(h)
 
     def final_norm(self, x: Tensor) -> Tensor:
         return self.model.model.norm(x)
