@@ -513,3 +513,178 @@ def parse_sequence(value: SequenceSetting) -> SequenceConfig:
         MemKitConfigError: unknown method or key, bad value or wrong type.
     """
     return _parse_setting("sequence", value, SequenceConfig, {m: {"method": m} for m in SEQUENCE_METHODS})
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeRO / offload: the DeepSpeed backend
+# --------------------------------------------------------------------------------------------------
+
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+#: DeepSpeed config keys memkit sets from its own arguments or the Trainer's (a ``deepspeed_config``
+#: may not set them): key -> the argument to use instead
+DEEPSPEED_OWNED_KEYS = {
+    "gradient_accumulation_steps": "Trainer(accumulate_grad_batches=...)",
+    "train_batch_size": "the DataLoader's batch size and Trainer(accumulate_grad_batches=...)",
+    "optimizer": "configure_optimizers (memkit rebuilds what it returns; an optimizer in the DeepSpeed config "
+                 "would bypass it)",
+    "scheduler": "configure_optimizers (Lightning steps the schedulers)",
+    "zero_optimization.stage": "MemKitStrategy(zero_stage=...)",
+    "zero_optimization.offload_optimizer": "MemKitStrategy(offload_optimizer=..., nvme_path=...)",
+    "zero_optimization.offload_param": "MemKitStrategy(offload_parameters=..., nvme_path=...)",
+}
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    """Settings of the DeepSpeed backend (``zero_stage`` 1-3); stage 0 is memkit's DDP backend.
+
+    Attributes:
+        stage: ZeRO stage: 0 (no sharding: DDP), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters).
+        offload_optimizer: where the fp32 master weights and optimizer states live, and the optimizer
+            steps: ``"none"`` (the device), ``"cpu"`` (ZeRO-Offload; stage >= 1) or ``"nvme"``
+            (ZeRO-Infinity; stage 3).
+        offload_parameters: where the 16-bit parameters live between uses: ``"none"``, ``"cpu"`` or
+            ``"nvme"`` (stage 3 only).
+        nvme_path: a writable folder on a fast local disk; required when anything goes to ``"nvme"``
+            (default: the ``MEMKIT_NVME_PATH`` environment variable).
+        cpu_adam: with the optimizer offloaded, run torch ``Adam`` / ``AdamW`` steps as DeepSpeed's
+            ``DeepSpeedCPUAdam`` (the same update, vectorized; its C++ op is JIT-built once, 1-2
+            minutes, and cached). False keeps the torch optimizer.
+        deepspeed_config: further DeepSpeed config keys (a mapping, or a path to a JSON file), merged
+            into the config memkit builds. Keys memkit or the Trainer own are refused (see
+            :data:`DEEPSPEED_OWNED_KEYS`).
+    """
+
+    stage: int = 0
+    offload_optimizer: str = "none"
+    offload_parameters: str = "none"
+    nvme_path: Optional[str] = None
+    cpu_adam: bool = True
+    deepspeed_config: Optional[Mapping[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        stage = check_int("zero_stage", self.stage, minimum=0)
+        if stage not in ZERO_STAGES:
+            raise MemKitConfigError(
+                f"zero_stage={stage!r} is not a ZeRO stage. Fix: 0 (no sharding), 1 (optimizer states), 2 (+ gradients) "
+                "or 3 (+ parameters)."
+            )
+        for key in ("offload_optimizer", "offload_parameters"):
+            value = getattr(self, key)
+            value = "none" if value is None or value is False else value
+            object.__setattr__(self, key, check_choice(key, value, OFFLOAD_DEVICES))
+        if not isinstance(self.cpu_adam, bool):
+            raise MemKitConfigError(f"cpu_adam={self.cpu_adam!r} has type {type(self.cpu_adam).__name__}. Fix: true or false.")
+        if self.offload_optimizer != "none" and stage == 0:
+            raise MemKitConfigError(
+                f"offload_optimizer={self.offload_optimizer!r} needs ZeRO (DeepSpeed moves the partitioned optimizer "
+                "states). Fix: set zero_stage to 1, 2 or 3 (e.g. the preset 'memkit_zero2_offload')."
+            )
+        if self.offload_parameters != "none" and stage != 3:
+            raise MemKitConfigError(
+                f"offload_parameters={self.offload_parameters!r} needs zero_stage=3 (only stage 3 partitions the "
+                f"parameters), not {stage}. Fix: zero_stage=3 (e.g. the preset 'memkit_zero3_offload')."
+            )
+        if self.offload_optimizer == "nvme" and stage != 3:
+            raise MemKitConfigError(
+                f"offload_optimizer='nvme' needs zero_stage=3 (ZeRO-Infinity), not {stage}. Fix: zero_stage=3, or "
+                "offload_optimizer='cpu'."
+            )
+        nvme = "nvme" in (self.offload_optimizer, self.offload_parameters)
+        if nvme:
+            import os
+
+            if self.nvme_path is None and os.environ.get("MEMKIT_NVME_PATH"):
+                object.__setattr__(self, "nvme_path", os.environ["MEMKIT_NVME_PATH"])
+            _check_nvme_path(self.nvme_path)
+        elif self.nvme_path is not None:
+            raise MemKitConfigError(
+                f"nvme_path={self.nvme_path!r} is set but nothing is offloaded to NVMe. Fix: drop nvme_path, or set "
+                "offload_optimizer / offload_parameters to 'nvme'."
+            )
+        object.__setattr__(self, "deepspeed_config", _load_deepspeed_config(self.deepspeed_config))
+
+    @property
+    def enabled(self) -> bool:
+        """True when DeepSpeed runs the step (stage 1-3)."""
+        return self.stage > 0
+
+
+def _check_nvme_path(path: Any) -> None:
+    import os
+
+    if not isinstance(path, str) or not path:
+        raise MemKitConfigError(
+            f"nvme_path={path!r}: offloading to 'nvme' needs a folder on a fast local disk. Fix: set nvme_path "
+            "(e.g. nvme_path='/local_nvme/memkit') or the MEMKIT_NVME_PATH environment variable."
+        )
+    folder = path
+    while not os.path.exists(folder):  # a folder to be created: its first existing parent must be writable
+        parent = os.path.dirname(os.path.abspath(folder))
+        if parent == folder:
+            break
+        folder = parent
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise MemKitConfigError(
+            f"nvme_path={path!r} is not a writable folder ({folder!r} "
+            + ("is not a folder" if not os.path.isdir(folder) else "is not writable by this user")
+            + "). Fix: point nvme_path at a folder on a local NVMe disk that this user can write."
+        )
+
+
+def _load_deepspeed_config(value: Any) -> dict[str, Any]:
+    import json
+    import os
+
+    if value is None:
+        return {}
+    if isinstance(value, (str, os.PathLike)):
+        if not os.path.isfile(value):
+            raise MemKitConfigError(f"deepspeed_config={str(value)!r} is not a file. Fix: a mapping, or a JSON file's path.")
+        try:
+            with open(value) as f:
+                value = json.load(f)
+        except ValueError as error:
+            raise MemKitConfigError(f"deepspeed_config file {str(value)!r} is not valid JSON ({error}). Fix the file.") from None
+    if not isinstance(value, Mapping):
+        raise MemKitConfigError(
+            f"deepspeed_config has type {type(value).__name__}. Fix: a mapping of DeepSpeed config keys, or a JSON path."
+        )
+    try:
+        config = json.loads(json.dumps(dict(value)))  # a plain, deep copy
+    except (TypeError, ValueError) as error:
+        raise MemKitConfigError(f"deepspeed_config holds a value that is not JSON ({error}). Fix: numbers, strings, "
+                                "booleans, lists and mappings only, as in DeepSpeed's JSON config.") from None
+    if "zero_optimization" in config and not isinstance(config["zero_optimization"], dict):
+        raise MemKitConfigError(
+            f"deepspeed_config['zero_optimization']={config['zero_optimization']!r} must be a mapping of ZeRO settings "
+            "(memkit builds that section from zero_stage / offload_* and merges yours into it). Fix: e.g. "
+            "{'zero_optimization': {'reduce_bucket_size': 2e8}}."
+        )
+    for key, instead in DEEPSPEED_OWNED_KEYS.items():
+        head, _, tail = key.partition(".")
+        present = head in config and (not tail or tail in config[head])
+        if present:
+            raise MemKitConfigError(
+                f"deepspeed_config sets {key!r}, which memkit sets from {instead}. Fix: drop {key!r} from "
+                "deepspeed_config and use that instead."
+            )
+    return config
+
+
+def parse_zero(
+    zero_stage: Any = 0,
+    offload_optimizer: Any = None,
+    offload_parameters: Any = None,
+    nvme_path: Any = None,
+    cpu_adam: Any = True,
+    deepspeed_config: Any = None,
+) -> ZeroConfig:
+    """Build the :class:`ZeroConfig` from ``MemKitStrategy``'s ZeRO arguments.
+
+    Raises:
+        MemKitConfigError: a stage outside 0-3, an unknown offload device, offload the stage cannot do, NVMe
+            without a writable ``nvme_path``, or a ``deepspeed_config`` key memkit or the Trainer own.
+    """
+    return ZeroConfig(zero_stage, offload_optimizer, offload_parameters, nvme_path, cpu_adam, deepspeed_config)

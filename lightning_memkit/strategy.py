@@ -35,6 +35,7 @@ from lightning_memkit.config import (
     parse_cross_entropy,
     parse_optimizer,
     parse_sequence,
+    parse_zero,
 )
 from lightning_memkit.techniques import Technique
 
@@ -48,14 +49,56 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "memkit's defaults plus activation checkpointing of every transformer block (exact; ~1/3 more compute)",
         {"cross_entropy": "fused", "activations": {"checkpoint": "blocks"}},
     ),
+    "memkit_zero1": (
+        "memkit's defaults on DeepSpeed ZeRO-1 (optimizer states partitioned across processes)",
+        {"cross_entropy": "fused", "zero_stage": 1},
+    ),
+    "memkit_zero2": (
+        "memkit's defaults on DeepSpeed ZeRO-2 (optimizer states and gradients partitioned)",
+        {"cross_entropy": "fused", "zero_stage": 2},
+    ),
+    "memkit_zero2_offload": (
+        "memkit's defaults on DeepSpeed ZeRO-2 with the optimizer (fp32 weights, states, step) on the CPU",
+        {"cross_entropy": "fused", "zero_stage": 2, "offload_optimizer": "cpu"},
+    ),
+    "memkit_zero3": (
+        "memkit's defaults on DeepSpeed ZeRO-3 (parameters, gradients and optimizer states partitioned)",
+        {"cross_entropy": "fused", "zero_stage": 3},
+    ),
+    "memkit_zero3_offload": (
+        "memkit's defaults on DeepSpeed ZeRO-3 with the optimizer and the parameters on the CPU",
+        {"cross_entropy": "fused", "zero_stage": 3, "offload_optimizer": "cpu", "offload_parameters": "cpu"},
+    ),
+    "memkit_zero3_offload_nvme": (
+        "memkit's defaults on DeepSpeed ZeRO-3 with the optimizer and the parameters on NVMe (ZeRO-Infinity; "
+        "the folder comes from $MEMKIT_NVME_PATH)",
+        {"cross_entropy": "fused", "zero_stage": 3, "offload_optimizer": "nvme", "offload_parameters": "nvme"},
+    ),
 }
 
 
-#: the technique-family arguments of MemKitStrategy
-MEMKIT_ARGUMENTS = ("activations", "cross_entropy", "optimizer", "sequence")
+#: memkit's own arguments of MemKitStrategy: the technique families, then the ZeRO backend's
+MEMKIT_ARGUMENTS = ("activations", "cross_entropy", "optimizer", "sequence", "zero_stage", "offload_optimizer",
+                    "offload_parameters", "nvme_path", "cpu_adam", "deepspeed_config")
 
 
-class MemKitStrategy(DDPStrategy):
+class _ChooseBackend(type(DDPStrategy)):  # type: ignore[misc]
+    """``MemKitStrategy(zero_stage=1|2|3, ...)`` builds the DeepSpeed backend, itself a ``MemKitStrategy``.
+
+    A metaclass rather than ``__new__``: LightningCLI (jsonargparse) then reads the arguments from
+    ``__init__``, as for any class.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        stage = kwargs.get("zero_stage", args[4] if len(args) > 4 else 0)
+        if cls is MemKitStrategy and isinstance(stage, int) and not isinstance(stage, bool) and stage in (1, 2, 3):
+            from lightning_memkit.zero import MemKitDeepSpeedStrategy
+
+            return MemKitDeepSpeedStrategy(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
     """Train an unchanged LightningModule with memory-saving techniques switched on by configuration.
 
     Args:
@@ -77,6 +120,20 @@ class MemKitStrategy(DDPStrategy):
             ``{"method": "streambp", "chunk_size": 2048}``. It acts on losses computed with
             :func:`~lightning_memkit.loss.causal_lm_loss` and on Hugging Face causal LMs called with
             ``labels=``.
+        zero_stage: 0 (default: memkit's DDP backend, one process per device, nothing sharded), or the
+            ZeRO stage DeepSpeed runs: 1 (optimizer states partitioned across processes), 2 (and
+            gradients), 3 (and parameters). Stages 1-3 build a
+            :class:`~lightning_memkit.zero.MemKitDeepSpeedStrategy` on Lightning's DeepSpeed strategy.
+        offload_optimizer: ``"cpu"`` (ZeRO-Offload: fp32 weights, optimizer states and the step on the
+            CPU; stage >= 1) or ``"nvme"`` (stage 3); default none.
+        offload_parameters: ``"cpu"`` or ``"nvme"``: the 16-bit parameters live off the device between
+            uses (stage 3); default none.
+        nvme_path: a writable folder on a local NVMe disk, needed by ``"nvme"`` (default:
+            ``$MEMKIT_NVME_PATH``).
+        cpu_adam: with ``offload_optimizer``, step torch ``Adam``/``AdamW`` as DeepSpeed's vectorized
+            ``DeepSpeedCPUAdam`` (the same update; its op is JIT-built once, 1-2 minutes). Default true.
+        deepspeed_config: more DeepSpeed config keys (a mapping or a JSON file), merged into the one
+            memkit builds; keys memkit or the Trainer own are refused.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as in Lightning's ``DDPStrategy``; the
             Trainer fills most of them in.
@@ -84,7 +141,9 @@ class MemKitStrategy(DDPStrategy):
             process trains.
 
     Raises:
-        MemKitConfigError: an unknown technique name or key, a bad value or a wrong type.
+        MemKitConfigError: an unknown technique name or key, a bad value or a wrong type; ZeRO settings
+            that do not go together; a technique that cannot run under the chosen ZeRO stage (the
+            README's table lists which can).
     """
 
     strategy_name = "memkit"
@@ -95,6 +154,12 @@ class MemKitStrategy(DDPStrategy):
         cross_entropy: Union[str, dict[str, Any], CrossEntropyConfig, None] = "fused",
         optimizer: Union[str, dict[str, Any], OptimizerConfig, None] = None,
         sequence: Union[str, dict[str, Any], SequenceConfig, None] = None,
+        zero_stage: int = 0,
+        offload_optimizer: Optional[str] = None,
+        offload_parameters: Optional[str] = None,
+        nvme_path: Optional[str] = None,
+        cpu_adam: bool = True,
+        deepspeed_config: Union[dict[str, Any], str, None] = None,
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -106,10 +171,19 @@ class MemKitStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        self.activations = parse_activations(activations)
-        self.cross_entropy = parse_cross_entropy(cross_entropy)
-        self.optimizer_config = parse_optimizer(optimizer)
-        self.sequence = parse_sequence(sequence)
+        self._parse_techniques(activations, cross_entropy, optimizer, sequence)
+        # zero_stage 0 (here) validates the ZeRO arguments too: offload without ZeRO is refused with the fix
+        self.zero = parse_zero(zero_stage, offload_optimizer, offload_parameters, nvme_path, cpu_adam, deepspeed_config)
+        if self.zero.enabled:  # only reachable from a subclass: the metaclass builds the DeepSpeed backend otherwise
+            raise MemKitConfigError(
+                f"{type(self).__name__}(zero_stage={self.zero.stage}): a subclass of MemKitStrategy is the DDP backend. "
+                "Fix: subclass lightning_memkit.zero.MemKitDeepSpeedStrategy for ZeRO, or zero_stage=0."
+            )
+        if self.zero.deepspeed_config:
+            raise MemKitConfigError(
+                "deepspeed_config is set but zero_stage=0 (memkit's DDP backend, no DeepSpeed). Fix: set zero_stage "
+                "to 1, 2 or 3, or drop deepspeed_config."
+            )
         _check_ddp_kwargs(ddp_kwargs)
         super().__init__(
             accelerator=accelerator,
@@ -124,6 +198,16 @@ class MemKitStrategy(DDPStrategy):
         )
         self.techniques: list[Technique] = self._build_techniques()
         self._installed_on: Optional[torch.nn.Module] = None
+
+    def _parse_techniques(self, activations: Any, cross_entropy: Any, optimizer: Any, sequence: Any) -> None:
+        self.activations = parse_activations(activations)
+        self.cross_entropy = parse_cross_entropy(cross_entropy)
+        self.optimizer_config = parse_optimizer(optimizer)
+        self.sequence = parse_sequence(sequence)
+
+    def describe_backend(self) -> str:
+        """The backend in words (logged at setup)."""
+        return "DDP" if not self.single_process else "one process"
 
     def _build_techniques(self) -> list[Technique]:
         techniques: list[Technique] = []
@@ -191,24 +275,31 @@ class MemKitStrategy(DDPStrategy):
             self._installed_on = module  # set first: teardown undoes a partial install after an error
             for technique in self.techniques:
                 technique.setup_module(module)
-            rank_zero_info("memkit: " + "; ".join(t.describe() for t in self.techniques))
+            rank_zero_info(f"memkit ({self.describe_backend()}): " + "; ".join(t.describe() for t in self.techniques))
         super().setup(trainer)
 
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
         super().setup_optimizers(trainer)
+        self.optimizers = self._convert_optimizers(list(self.optimizers), self.lr_scheduler_configs)
+
+    def _convert_optimizers(self, optimizers: list[Any], scheduler_configs: list[Any]) -> list[Any]:
+        """Let each technique replace the optimizers; the schedulers follow their optimizer."""
         for technique in self.techniques:
-            old = list(self.optimizers)
-            new = technique.setup_optimizers(old)
-            if len(new) != len(old):
-                raise RuntimeError(f"{technique.name}.setup_optimizers returned {len(new)} optimizers for {len(old)}")
-            for before, after in zip(old, new):
-                if after is before:
-                    continue
-                for config in self.lr_scheduler_configs:  # schedulers follow their optimizer
-                    if getattr(config.scheduler, "optimizer", None) is before:
-                        _repoint_scheduler(config.scheduler, after)
-            self.optimizers = new
+            new = technique.setup_optimizers(list(optimizers))
+            if len(new) != len(optimizers):
+                raise RuntimeError(f"{technique.name}.setup_optimizers returned {len(new)} optimizers for {len(optimizers)}")
+            for before, after in zip(optimizers, new):
+                if after is not before:
+                    self._repoint_schedulers(before, after, scheduler_configs)
+            optimizers = new
+        return optimizers
+
+    @staticmethod
+    def _repoint_schedulers(before: Any, after: Any, scheduler_configs: list[Any]) -> None:
+        for config in scheduler_configs:
+            if getattr(config.scheduler, "optimizer", None) is before:
+                _repoint_scheduler(config.scheduler, after)
 
     @contextlib.contextmanager
     def _step_context(self) -> Iterator[None]:

@@ -25,6 +25,8 @@ def test_presets_are_registered_with_lightning():
         entry = StrategyRegistry[name]
         assert entry["strategy"] is MemKitStrategy
         assert entry["description"] == description
+        if "nvme" in name:  # needs an NVMe folder and libaio: tests/test_zero.py
+            continue
         strategy = StrategyRegistry.get(name)
         assert isinstance(strategy, MemKitStrategy)
         assert strategy.activations == lightning_memkit.config.parse_activations(init_params.get("activations"))

@@ -126,6 +126,8 @@ class MemKitOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
+                    if p not in self._group_of:  # DeepSpeed's ZeRO replaced the params by flat partitions
+                        self._group_of[p] = group
                     self.update_param(p, p.grad)
         return loss
 
