@@ -109,6 +109,8 @@ OPTIMIZER_BYTES_PER_PARAM = {"adamw": 4 + 8, "adamw8bit": 4 + 2 * (1 + 4 / 256),
                              "sgd": 4}
 #: DeepSpeed communication buckets memkit sets (elements); DeepSpeed's own defaults (5e8) cost gigabytes
 BUCKET_ELEMENTS = 50_000_000
+#: ZeRO-3 keeps at most this many gathered parameters alive (DeepSpeed's default ``stage3_max_live_parameters``)
+MAX_LIVE_ELEMENTS = 1_000_000_000
 #: ZeRO-3 steps the optimizer over sub-groups of this many elements (each with a transient fp32 gradient copy);
 #: DeepSpeed's default is 1e9 (4 GB of transient copy), Lightning's 1e12
 SUB_GROUP_ELEMENTS = 100_000_000
@@ -140,14 +142,15 @@ def zero_memory(
                                                                            buckets
     2         2P          2P/N                              KP/N           4P/N fp32 copy at the step, buckets
     3         2P/N        2P/N                              KP/N           4 min(P/N, sub-group) fp32 copy,
-                                                                           gathered block, buckets
+                                                                           gathered parameters, buckets
     ========  ==========  ================================  =============  ====================================
 
     ``offload_optimizer`` moves "master+states" to the host (or NVMe), with the fp32 gradient
     partition (4P/N, in host memory) that the CPU step reads; the device keeps the 16-bit gradients
     only in the reduce buckets, except ZeRO-1, which keeps them whole (2P). ``offload_parameters``
-    moves the 16-bit parameter partition to the host (or NVMe); the device then holds the gathered
-    block being computed and the prefetch bucket. Buckets use memkit's sizes
+    moves the 16-bit parameter partition to the host (or NVMe). Under ZeRO-3 the device also holds
+    the gathered parameters, counted at their bound: DeepSpeed's ``stage3_max_live_parameters``
+    (1e9 values, 1.9 GiB in 16 bits; a block larger than that is gathered whole). Buckets use memkit's sizes
     (:data:`BUCKET_ELEMENTS`: ZeRO-1/2 keep ~4.5 reduce buckets with ``overlap_comm`` plus an
     all-gather bucket; ZeRO-3 one reduce buffer and one prefetch bucket). Activations are not included.
 
@@ -180,7 +183,8 @@ def zero_memory(
             device["buffers"] = 4.5 * bucket + bucket + (0.0 if offloaded else 4 * p / n)
         else:
             transient = 0.0 if offloaded else 4 * min(p / n, SUB_GROUP_ELEMENTS)
-            device["buffers"] = bucket + bucket + 2.0 * largest_block_params + transient
+            live = min(p, max(MAX_LIVE_ELEMENTS, largest_block_params))  # gathered parameters, at most
+            device["buffers"] = bucket + bucket + 2.0 * live + transient
     for where in (device, host, nvme):
         where["total"] = sum(where.values())
     return {"device": device, "host": host, "nvme": nvme}
@@ -429,6 +433,13 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
     @override
     def setup_optimizers(self, trainer: "pl.Trainer") -> None:
         DeepSpeedStrategy.setup_optimizers(self, trainer)  # DeepSpeed builds them in _init_optimizers
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Lightning's loop already divides the loss by accumulate_grad_batches; DeepSpeed's engine.backward would
+        # divide it again (gradients 1/k too small: invisible to Adam, wrong for SGD and for the clipping norm).
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @override
     def _init_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:

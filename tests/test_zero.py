@@ -246,20 +246,22 @@ STAGES = {
     "zero3_offload": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_parameters": "cpu", "cpu_adam": False,
                       "deepspeed_config": PARTITION_ALL},
 }
-#: technique combinations; each runs under DDP and under every stage it is allowed on
+#: technique combinations; each runs under DDP and under every stage it is allowed on ("_hf": a tiny Hugging Face
+#: Llama instead of the reference model; "labels": the step calls it with labels=)
 COMBOS = {
     "ckpt_int8_adamw8bit": ({"activations": {"checkpoint": "blocks", "checkpoint_every": 2, "compress": "int8"},
                              "optimizer": "adamw8bit"}, tuple(STAGES)),
-    "fp8_offload_paged8bit_plain": ({"activations": {"compress": "fp8", "offload": True}, "cross_entropy": "plain",
-                                     "optimizer": "paged_adamw8bit"}, tuple(STAGES)),
+    "int8_plain_ce": ({"activations": "int8", "cross_entropy": "plain"}, tuple(STAGES)),
+    "fp8_offload": ({"activations": {"compress": "fp8", "offload": True}}, tuple(STAGES)),
+    "paged_adamw8bit": ({"optimizer": "paged_adamw8bit"}, tuple(STAGES)),
     "streambp_adamw": ({"sequence": {"method": "streambp", "chunk_size": 10}, "optimizer": "adamw"},
                        ("zero1", "zero2", "zero2_offload")),
     "seco": ({"sequence": {"method": "seco", "chunk_size": 12}}, ("zero1", "zero2", "zero2_offload")),
     "spaco": ({"sequence": {"method": "spaco", "chunk_size": 8, "keep": 0.5}}, ("zero1", "zero2", "zero2_offload")),
     "selective_adamw": ({"activations": "selective", "optimizer": "adamw"}, tuple(STAGES)),
     "budget": ({"activations": {"checkpoint": "budget", "activation_budget": "64KiB"}}, tuple(STAGES)),
-    # a Hugging Face Llama inside the module (HFCausalLM): the fused loss reads its (ZeRO-3: gathered) head weight
     "hf_llama_fused_ckpt": ({"activations": "checkpoint", "_hf": True}, tuple(STAGES)),
+    "hf_llama_labels": ({"_hf": "labels"}, tuple(STAGES)),
 }
 #: techniques trained on 1 process and on 2 (DDP, half the batch each): the DDP column of the README's table
 SINGLE_VS_DDP = {
@@ -271,49 +273,74 @@ SINGLE_VS_DDP = {
     "frugal": {"optimizer": {"name": "frugal", "rank": 4}},
     "adamw8bit": {"optimizer": "adamw8bit"},
     "paged_adamw8bit": {"optimizer": "paged_adamw8bit"},
+    "blocks": {"activations": "checkpoint"},
     "selective": {"activations": "selective"},
     "budget": {"activations": {"checkpoint": "budget", "activation_budget": "64KiB"}},
     "int8": {"activations": "int8"},
     "fp8": {"activations": "fp8"},
+    "plain_ce": {"cross_entropy": "plain"},
     "seco": {"sequence": {"method": "seco", "chunk_size": 12}},
     "spaco": {"sequence": {"method": "spaco", "chunk_size": 8}},
+    "hf_llama_ckpt": {"activations": "checkpoint", "_hf": True},
+    "hf_llama_labels": {"_hf": "labels"},
 }
-
-
-def _runs(devices: int) -> list[dict]:
-    runs = [{"name": "ddp", "strategy": {}, "steps": 3}]
-    runs += [{"name": name, "strategy": kwargs, "steps": 3} for name, kwargs in STAGES.items()]
-    runs += [{"name": f"ddpcheck/{name}", "strategy": kwargs, "steps": 3} for name, kwargs in SINGLE_VS_DDP.items()]
-    if devices == 2:
-        for combo, (techniques, stages) in COMBOS.items():
-            techniques = dict(techniques)
-            hf = techniques.pop("_hf", False)
-            runs.append({"name": f"{combo}/ddp", "strategy": techniques, "steps": 3, "hf": hf})
-            runs += [{"name": f"{combo}/{s}", "strategy": {**techniques, **STAGES[s]}, "steps": 3, "hf": hf}
-                     for s in stages]
-        accumulate = {"sequences": 8, "trainer": {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}}
-        runs.append({"name": "accumulate_clip/ddp", "strategy": {}, "steps": 3, **accumulate})
-        runs += [{"name": f"accumulate_clip/{s}", "strategy": STAGES[s], "steps": 3, **accumulate} for s in STAGES]
-        for stage, techniques in RESUMED:
-            strategy = {**techniques, **STAGES[stage]}
-            runs.append({"name": f"resume_{stage}_full", "strategy": strategy, "steps": 4, "save_every": 2})
-            runs.append({"name": f"resume_{stage}_resumed", "strategy": strategy, "steps": 4,
-                         "resume": f"resume_{stage}_full", "resume_step": 2})
-        runs.append({"name": "export", "strategy": STAGES["zero3"], "steps": 2, "export": True})
-        for stage, optimizer in MEASURED:
-            runs.append({"name": f"measure_{stage}_{optimizer}", "strategy": {**STAGES[stage], "optimizer": optimizer},
-                         "steps": 1, "precision": "bf16-mixed", "measure": True})
-    else:  # DeepSpeedCPUAdam: its op is JIT-built once (cached in TORCH_EXTENSIONS_DIR)
-        runs.append({"name": "zero2_offload_cpu_adam", "strategy": {**STAGES["zero2_offload"], "cpu_adam": True},
-                     "steps": 3})
-    return runs
-
-
+#: SGD (whose update is proportional to the gradient, unlike Adam's) with accumulation over 2 micro-batches,
+#: without and with a clip that binds: a wrongly scaled gradient shows in the weights
+ACCUMULATE = {"sequences": 8, "optimizer": "sgd", "trainer": {"accumulate_grad_batches": 2}}
+CLIP = {"sequences": 8, "optimizer": "sgd", "trainer": {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}}
 #: (stage, techniques) of the resume tests
 RESUMED = (("zero1", {}), ("zero2", {"optimizer": "adamw8bit"}), ("zero2_offload", {}), ("zero3", {}),
            ("zero3_offload", {}))
 MEASURED = (("zero1", "adamw"), ("zero2", "adamw"), ("zero2", "adamw8bit"), ("zero3", "adamw"),
             ("zero3_offload", "adamw"))
+
+
+def _run(name: str, techniques: dict, **extra) -> dict:
+    techniques = dict(techniques)
+    hf = techniques.pop("_hf", False)
+    return {"name": name, "strategy": techniques, "steps": 3, "hf": hf, **extra}
+
+
+def _runs(devices: int) -> list[dict]:
+    runs = [_run("ddp", {}), _run("sgd/ddp", {}, optimizer="sgd"), _run("accumulate/ddp", {}, **ACCUMULATE),
+            _run("clip/ddp", {}, **CLIP)]
+    for stage, kwargs in STAGES.items():
+        runs += [_run(stage, kwargs), _run(f"sgd/{stage}", kwargs, optimizer="sgd"),
+                 _run(f"accumulate/{stage}", kwargs, **ACCUMULATE), _run(f"clip/{stage}", kwargs, **CLIP)]
+    runs += [_run(f"ddpcheck/{name}", kwargs) for name, kwargs in SINGLE_VS_DDP.items()]
+    # DeepSpeedCPUAdam: its op is JIT-built once (cached in TORCH_EXTENSIONS_DIR)
+    runs.append(_run("zero2_offload_cpu_adam", {**STAGES["zero2_offload"], "cpu_adam": True}))
+    if devices == 2:
+        for combo, (techniques, stages) in COMBOS.items():
+            runs.append(_run(f"{combo}/ddp", techniques))
+            runs += [_run(f"{combo}/{s}", {**techniques, **STAGES[s]}) for s in stages]
+        for stage, techniques in RESUMED:
+            strategy = {**techniques, **STAGES[stage]}
+            runs.append(_run(f"resume_{stage}_full", strategy, steps=4, save_every=2))
+            runs.append(_run(f"resume_{stage}_resumed", strategy, steps=4, resume=f"resume_{stage}_full", resume_step=2))
+        runs.append(_run("export", STAGES["zero3"], steps=2, export=True))
+        for stage, optimizer in MEASURED:
+            runs.append(_run(f"measure_{stage}_{optimizer}", {**STAGES[stage], "optimizer": optimizer}, steps=1,
+                             precision="bf16-mixed", measure=True))
+    return runs
+
+
+def _assert_techniques_ran(run: dict, techniques: dict, what: str) -> None:
+    """The run's evidence that each technique acted (an exact technique that silently did nothing would match)."""
+    activations = techniques.get("activations")
+    checkpoint = activations in ("checkpoint", "selective") or (
+        isinstance(activations, dict) and activations.get("checkpoint", "none") != "none")
+    compress = activations in ("int8", "fp8") or (isinstance(activations, dict) and activations.get("compress"))
+    if checkpoint:
+        assert run["checkpointed"] > 0, f"{what}: no module checkpointed"
+    if compress:
+        assert run["packed_bytes"] > 0, f"{what}: nothing went through the saved-tensor hooks"
+    if "sequence" in techniques:
+        assert run["sequence_calls"] > 0, f"{what}: the sequence loss never ran"
+    elif techniques.get("cross_entropy", "fused") == "fused":
+        assert run["fused_calls"] >= 3, f"{what}: the fused loss did not run"
+
+
 _RESULTS: dict[int, tuple[str, dict]] = {}
 _FAILED: dict[int, str] = {}
 
@@ -337,27 +364,54 @@ def _fits(devices: int, tmp_path_factory) -> tuple[str, dict]:
     return _RESULTS[devices]
 
 
-def _assert_same_training(run: dict, reference: dict, *, rtol: float = 1e-5, atol: float = 1e-4, what: str = "") -> None:
-    """Losses and final weights equal to fp32 rounding: ZeRO sums the gradients in another order, and Adam's
-    normalization turns last-bit differences of tiny gradients into differences of up to ~0.3% of one step
-    (lr 1e-2; measured 3.2e-5 under ZeRO-3); atol 1e-4 is 1% of one step."""
-    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=rtol, atol=atol,
-                               msg=f"{what}: losses")
-    for name, value in reference["state"].items():
-        torch.testing.assert_close(run["state"][name], value, rtol=rtol, atol=atol, msg=f"{what}: {name}")
+def _update_distance(run: dict, reference: dict) -> float:
+    """|run's final weights - reference's| / |reference's total update|, over all weights together."""
+    num = sum(float((run["state"][n] - reference["state"][n]).norm() ** 2) for n in reference["state"])
+    den = sum(float((value - reference["initial"][n]).norm() ** 2) for n, value in reference["state"].items())
+    return (num / den) ** 0.5
+
+
+def _assert_same_training(run: dict, reference: dict, *, within: float = 1e-3, loss_rtol: float = 1e-5,
+                          what: str = "") -> None:
+    """Same training to fp32 rounding: each step's loss to ``loss_rtol``, and the final weights within ``within`` of
+    the total update (0.1%). Sums taken in another order differ in the last bits, and Adam turns last-bit
+    differences of tiny gradients into visible ones (lr 1e-2); most runs here are bit-identical, the largest
+    distance measured is 2.7e-4 (fp8 activations under ZeRO-3, where a few values round to the other fp8 code)."""
+    assert set(run["state"]) == set(reference["state"]), what
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=loss_rtol, atol=0,
+                               msg=f"{what}: losses {run['losses']} vs {reference['losses']}")
+    distance = _update_distance(run, reference)
+    assert distance <= within, f"{what}: weights {distance:.2e} of the update away (allowed {within:.0e})"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 2])
 def test_every_zero_stage_trains_like_ddp(devices, tmp_path_factory):
-    """ZeRO-1/2/3, with and without CPU offload: the losses and weights of the DDP run (fp32, same global batch)."""
+    """ZeRO-1/2/3, with and without CPU offload: the losses and weights of the DDP run (fp32, same global batch),
+    with AdamW and an LR scheduler, and with SGD, whose update shows any error in the gradients' scale."""
     _, results = _fits(devices, tmp_path_factory)
     assert results["ddp"]["strategy"] == "MemKitStrategy"
     for name in STAGES:
         assert results[name]["strategy"] == "MemKitDeepSpeedStrategy" and results[name]["world_size"] == devices
         assert len(results[name]["losses"]) == 3
-        assert results[name]["fused_calls"] >= 3  # memkit's default fused loss ran (ZeRO-3: on the gathered head)
+        _assert_techniques_ran(results[name], {}, name)  # memkit's default fused loss (ZeRO-3: on the gathered head)
         _assert_same_training(results[name], results["ddp"], what=name)
+        _assert_same_training(results[f"sgd/{name}"], results["sgd/ddp"], what=f"sgd/{name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_accumulation_and_clipping_under_zero_train_like_ddp(devices, tmp_path_factory):
+    """Trainer(accumulate_grad_batches=2), without and with gradient_clip_val=0.05 (DeepSpeed takes both over from
+    the Trainer), with SGD: the weights of DDP with the same settings (8 sequences per step). Lightning already
+    divides the loss by the accumulation count; DeepSpeed's backward would divide again (measured before the fix:
+    half the update), which memkit turns off."""
+    _, results = _fits(devices, tmp_path_factory)
+    assert len(results["accumulate/ddp"]["losses"]) == 6  # 3 steps of 2 micro-batches
+    assert _update_distance(results["clip/ddp"], results["accumulate/ddp"]) > 0.1  # the clip binds
+    for stage in STAGES:
+        for kind in ("accumulate", "clip"):
+            _assert_same_training(results[f"{kind}/{stage}"], results[f"{kind}/ddp"], what=f"{kind}/{stage}")
 
 
 @pytest.mark.slow
@@ -367,46 +421,45 @@ def test_techniques_on_two_ddp_processes_train_like_one(name, tmp_path_factory):
 
     Two cases round differently on 2 processes, by design, so they are held to the size of their own rounding:
     - 8-bit optimizer states: gradients averaged in another order differ in the last bits, and a few moments then
-      quantize to the neighbouring code (measured: 1e-4 of the update; allowed 1%);
+      quantize to the neighbouring code (allowed 1% of the update);
     - int8 / fp8 activations: each process takes its scales from its own half of the batch, so the compression
       error differs; the 2-process run must stay as close to the 1-process run as compression itself is to
       exact training (measured: int8 0.087 vs 0.089, fp8 0.118 vs 0.160; allowed 1.5x).
     """
     _, one = _fits(1, tmp_path_factory)
     _, two = _fits(2, tmp_path_factory)
-    run, reference, initial = two[f"ddpcheck/{name}"], one[f"ddpcheck/{name}"], one["initial"]["state"]
+    run, reference = two[f"ddpcheck/{name}"], one[f"ddpcheck/{name}"]
     assert run["world_size"] == 2 and reference["world_size"] == 1
+    for r in (run, reference):
+        _assert_techniques_ran(r, SINGLE_VS_DDP[name], name)
     if name in ("int8", "fp8"):
-        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=2e-3, atol=0)
-        own_error = _update_distance(reference, one["ddp"], initial)
-        assert _update_distance(run, reference, initial) <= 1.5 * own_error
+        own_error = _update_distance(reference, one["ddp"])
+        _assert_same_training(run, reference, within=1.5 * own_error, loss_rtol=2e-3, what=name)
     elif "8bit" in name:
-        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=0)
-        assert _update_distance(run, reference, initial) <= 0.01
+        _assert_same_training(run, reference, within=0.01, loss_rtol=1e-4, what=name)
     else:
-        _assert_same_training(run, reference, rtol=1e-4, atol=1e-5, what=name)
+        _assert_same_training(run, reference, what=name)
 
 
-def _update_distance(run: dict, reference: dict, initial: dict) -> float:
-    """|run's weights - reference's| over |reference's total update|, all weights together."""
-    num = sum(float((run["state"][n] - reference["state"][n]).norm() ** 2) for n in initial)
-    den = sum(float((reference["state"][n] - start).norm() ** 2) for n, start in initial.items())
-    return (num / den) ** 0.5
-
-
-def _assert_updates_close(run: dict, reference: dict, initial: dict, share: float, what: str) -> None:
-    for name, start in initial.items():
-        update, expected = run["state"][name] - start, reference["state"][name] - start
-        assert (update - expected).norm() <= share * expected.norm(), f"{what}: {name}"
+@pytest.mark.slow
+def test_accumulation_on_two_ddp_processes_trains_like_one(tmp_path_factory):
+    """Accumulation over 2 micro-batches, and with a clip: 2 DDP processes give the weights of 1 process (each
+    micro-batch holds other sequences on 2 processes, so only the weights after each full step compare)."""
+    _, one = _fits(1, tmp_path_factory)
+    _, two = _fits(2, tmp_path_factory)
+    for kind in ("accumulate", "clip"):
+        assert _update_distance(two[f"{kind}/ddp"], one[f"{kind}/ddp"]) <= 1e-3, kind
 
 
 @pytest.mark.slow
 def test_offloaded_adam_steps_as_deepspeed_cpu_adam(tmp_path_factory):
-    """cpu_adam (the default): the torch AdamW with its LR scheduler becomes DeepSpeedCPUAdam, same training."""
-    _, results = _fits(1, tmp_path_factory)
-    run = results["zero2_offload_cpu_adam"]
-    assert run["optimizer_class"] == "DeepSpeedCPUAdam" and results["zero2_offload"]["optimizer_class"] == "AdamW"
-    _assert_same_training(run, results["ddp"], what="cpu_adam")
+    """cpu_adam (the default): the torch AdamW with its LR scheduler becomes DeepSpeedCPUAdam, same training, on 1
+    and 2 processes."""
+    for devices in (1, 2):
+        _, results = _fits(devices, tmp_path_factory)
+        run = results["zero2_offload_cpu_adam"]
+        assert run["optimizer_class"] == "DeepSpeedCPUAdam" and results["zero2_offload"]["optimizer_class"] == "AdamW"
+        _assert_same_training(run, results["ddp"], what=f"cpu_adam on {devices}")
 
 
 @pytest.mark.slow
@@ -436,32 +489,18 @@ def test_techniques_under_zero_train_like_under_ddp(combo, tmp_path_factory):
 
     The 8-bit optimizers step on DeepSpeed's flat partitions, whose quantization blocks of 256 values start at
     other places than on whole tensors: the same update up to the 8-bit rounding of the moments. For them the
-    losses agree to 1e-4 and each weight's total update to 5% (measured: at most 3.3% on this model).
+    losses agree to 1e-4 and the weights to 2% of the update (measured: at most 0.74%).
     """
     _, results = _fits(2, tmp_path_factory)
     techniques, stages = COMBOS[combo]
-    initial = results["initial"]["state"]
     reference = results[f"{combo}/ddp"]
+    _assert_techniques_ran(reference, techniques, f"{combo}/ddp")
+    eight_bit = "8bit" in str(techniques.get("optimizer"))
     for stage in stages:
         run = results[f"{combo}/{stage}"]
-        if techniques.get("cross_entropy", "fused") == "fused" and "sequence" not in techniques:
-            assert run["fused_calls"] >= 3, f"{combo}/{stage}: the fused loss did not run"
-        if "8bit" not in str(techniques.get("optimizer")):
-            _assert_same_training(run, reference, what=f"{combo}/{stage}")
-            continue
-        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=0)
-        _assert_updates_close(run, reference, initial, 0.05, f"{combo}/{stage}")
-
-
-@pytest.mark.slow
-def test_accumulation_and_clipping_under_zero_train_like_ddp(tmp_path_factory):
-    """Trainer(accumulate_grad_batches=2, gradient_clip_val=0.05) (DeepSpeed takes both over from the Trainer):
-    the losses and weights of DDP with the same settings (2 processes, 8 sequences per step; the clip binds)."""
-    _, results = _fits(2, tmp_path_factory)
-    reference = results["accumulate_clip/ddp"]
-    assert len(reference["losses"]) == 6  # 3 steps of 2 micro-batches
-    for stage in STAGES:
-        _assert_same_training(results[f"accumulate_clip/{stage}"], reference, what=f"accumulate_clip/{stage}")
+        _assert_techniques_ran(run, techniques, f"{combo}/{stage}")
+        tolerance = dict(within=0.02, loss_rtol=1e-4) if eight_bit else {}
+        _assert_same_training(run, reference, what=f"{combo}/{stage}", **tolerance)
 
 
 @pytest.mark.slow

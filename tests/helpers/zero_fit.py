@@ -4,14 +4,15 @@ process group (N CPU processes, gloo), and save what each run saw. Used by tests
 ``--runs`` is a JSON list of runs: ``{"name", "strategy": MemKitStrategy kwargs, "steps",
 "optimizer": "adamw" | "sgd", "save_every": k (optional), "resume": name of an earlier run (optional),
 "resume_step": k, "export": true, "precision", "measure": true, "hf": true (a tiny Hugging Face Llama
-instead of the reference model), "sequences": n (default 4), "trainer": more Trainer arguments (optional)}``. The data is 4 sequences and the global batch is 4 (4 on
+instead of the reference model; "labels": and the step calls it with labels=), "sequences": n (default 4), "trainer": more Trainer arguments (optional)}``. The data is 4 sequences and the global batch is 4 (4 on
 one process, 2 on each of two): every step sees all 4 sequences whatever order Lightning's
 DistributedSampler shuffles them into, so runs on 1 and 2 processes are comparable, and every
 epoch is one step (resuming from an end-of-epoch checkpoint of a longer epoch is off by one batch in
 Lightning 2.6).
 
-Rank 0 writes ``--out`` (``torch.save``): the initial weights (``"initial"``) and per run the global-batch loss of each step (the mean of
-the ranks' losses), the strategy class, how many losses the fused cross-entropy computed, the final weights (gathered from ZeRO-3's partitions), the optimizer class
+Rank 0 writes ``--out`` (``torch.save``), per run: the global-batch loss of each step (the mean of
+the ranks' losses), the strategy class, how many losses the fused cross-entropy computed and what the other techniques did
+(:class:`Evidence`), the initial and the final weights (gathered from ZeRO-3's partitions), the optimizer class
 DeepSpeed steps, and with ``measure`` the bytes DeepSpeed keeps per process (:class:`Partitions`).
 A run with ``save_every`` saves checkpoints (mid-epoch) under ``<workdir>/<name>/``.
 """
@@ -30,9 +31,15 @@ from lightning_memkit.module import CausalLMModule
 
 
 class Module(CausalLMModule):
-    def __init__(self, optimizer: str = "adamw", **kwargs) -> None:
+    def __init__(self, optimizer: str = "adamw", hf_labels: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.optimizer_name = optimizer
+        self.hf_labels = hf_labels
+
+    def training_step(self, batch, batch_idx):
+        if self.hf_labels:  # a user's step that calls the Hugging Face model with labels= (memkit patches its forward)
+            return self.model.hf(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        return super().training_step(batch, batch_idx)
 
     def configure_optimizers(self):
         if self.optimizer_name == "sgd":
@@ -77,6 +84,27 @@ class Partitions(pl.Callback):
         }
 
 
+class Evidence(pl.Callback):
+    """What the techniques did: checkpointed modules, bytes through the saved-tensor hooks, sequence-loss calls."""
+
+    def __init__(self) -> None:
+        self.numbers = {"checkpointed": 0, "packed_bytes": 0, "sequence_calls": 0}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning_memkit.activations import is_checkpointed
+
+        self.numbers["checkpointed"] = sum(is_checkpointed(m) for m in pl_module.modules())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for technique in trainer.strategy.techniques:
+            manager = getattr(technique, "manager", None)
+            if manager is not None:
+                self.numbers["packed_bytes"] = max(self.numbers["packed_bytes"], manager.original_bytes)
+            runtime = getattr(technique, "_runtime", None)
+            if runtime is not None:
+                self.numbers["sequence_calls"] = runtime.calls
+
+
 def full_state(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, torch.Tensor]:
     params = list(module.parameters())
     if getattr(trainer.strategy, "zero_stage_3", False):
@@ -89,7 +117,7 @@ def full_state(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, tor
 
 def fit(run: dict, devices: int, workdir: str) -> dict:
     pl.seed_everything(0)
-    module = Module(optimizer=run.get("optimizer", "adamw"), model="tiny")
+    module = Module(optimizer=run.get("optimizer", "adamw"), hf_labels=run.get("hf") == "labels", model="tiny")
     if run.get("hf"):  # a tiny Hugging Face Llama (untied head) in place of the reference model, the same on every rank
         import transformers
 
@@ -99,12 +127,13 @@ def fit(run: dict, devices: int, workdir: str) -> dict:
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
         pl.seed_everything(0)
         module.model = HFCausalLM(transformers.LlamaForCausalLM(config))
+    initial = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 258, (run.get("sequences", 4), 33), generator=g)
     data = [{"input_ids": row[:-1], "labels": row[1:]} for row in ids]
     loader = DataLoader(data, batch_size=4 // devices, shuffle=False)
-    recorder = Recorder()
-    callbacks: list[pl.Callback] = [recorder]
+    recorder, evidence = Recorder(), Evidence()
+    callbacks: list[pl.Callback] = [recorder, evidence]
     folder = os.path.join(workdir, run["name"])
     if run.get("save_every"):
         callbacks.append(ModelCheckpoint(dirpath=folder, every_n_train_steps=run["save_every"], save_top_k=-1,
@@ -126,8 +155,8 @@ def fit(run: dict, devices: int, workdir: str) -> dict:
         ckpt_path = os.path.join(workdir, run["resume"], f"step={run['resume_step']}.ckpt")
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     out = {"losses": recorder.losses, "strategy": type(trainer.strategy).__name__,
-           "state": full_state(trainer, module), "world_size": trainer.world_size, "partitions": partitions.numbers,
-           "fused_calls": fused_call_count() - fused_before,
+           "initial": initial, "state": full_state(trainer, module), "world_size": trainer.world_size, "partitions": partitions.numbers,
+           "fused_calls": fused_call_count() - fused_before, **evidence.numbers,
            "optimizer_class": type(getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])).__name__}
     if run.get("export"):  # the last checkpoint, consolidated into one file
         trainer.save_checkpoint(os.path.join(folder, "last.ckpt"))
@@ -146,8 +175,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     workdir = os.path.dirname(os.path.abspath(args.out))
-    pl.seed_everything(0)
-    results = {"initial": {"state": {k: v.detach().clone() for k, v in Module(model="tiny").state_dict().items()}}}
+    results = {}
     for run in json.loads(args.runs):
         results[run["name"]] = fit(run, args.devices, workdir)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
