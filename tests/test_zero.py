@@ -302,10 +302,10 @@ def _run(name: str, techniques: dict, **extra) -> dict:
 
 
 def _runs(devices: int) -> list[dict]:
-    runs = [_run("ddp", {}), _run("sgd/ddp", {}, optimizer="sgd"), _run("accumulate/ddp", {}, **ACCUMULATE),
+    runs = [_run("ddp", {}, validate=True), _run("sgd/ddp", {}, optimizer="sgd"), _run("accumulate/ddp", {}, **ACCUMULATE),
             _run("clip/ddp", {}, **CLIP)]
     for stage, kwargs in STAGES.items():
-        runs += [_run(stage, kwargs), _run(f"sgd/{stage}", kwargs, optimizer="sgd"),
+        runs += [_run(stage, kwargs, validate=True), _run(f"sgd/{stage}", kwargs, optimizer="sgd"),
                  _run(f"accumulate/{stage}", kwargs, **ACCUMULATE), _run(f"clip/{stage}", kwargs, **CLIP)]
     runs += [_run(f"ddpcheck/{name}", kwargs) for name, kwargs in SINGLE_VS_DDP.items()]
     # DeepSpeedCPUAdam: its op is JIT-built once (cached in TORCH_EXTENSIONS_DIR)
@@ -388,7 +388,8 @@ def _assert_same_training(run: dict, reference: dict, *, within: float = 1e-3, l
 @pytest.mark.parametrize("devices", [1, 2])
 def test_every_zero_stage_trains_like_ddp(devices, tmp_path_factory):
     """ZeRO-1/2/3, with and without CPU offload: the losses and weights of the DDP run (fp32, same global batch),
-    with AdamW and an LR scheduler, and with SGD, whose update shows any error in the gradients' scale."""
+    with AdamW and an LR scheduler, and with SGD, whose update shows any error in the gradients' scale; and the
+    same validation perplexities after every epoch."""
     _, results = _fits(devices, tmp_path_factory)
     assert results["ddp"]["strategy"] == "MemKitStrategy"
     for name in STAGES:
@@ -397,6 +398,9 @@ def test_every_zero_stage_trains_like_ddp(devices, tmp_path_factory):
         _assert_techniques_ran(results[name], {}, name)  # memkit's default fused loss (ZeRO-3: on the gathered head)
         _assert_same_training(results[name], results["ddp"], what=name)
         _assert_same_training(results[f"sgd/{name}"], results["sgd/ddp"], what=f"sgd/{name}")
+        assert len(results[name]["val_history"]) == 3  # one validation per (one-step) epoch
+        torch.testing.assert_close(torch.tensor(results[name]["val_history"]), torch.tensor(results["ddp"]["val_history"]),
+                                   rtol=1e-5, atol=0, msg=f"{name}: validation")
 
 
 @pytest.mark.slow
@@ -439,6 +443,15 @@ def test_techniques_on_two_ddp_processes_train_like_one(name, tmp_path_factory):
         _assert_same_training(run, reference, within=0.01, loss_rtol=1e-4, what=name)
     else:
         _assert_same_training(run, reference, what=name)
+
+
+@pytest.mark.slow
+def test_validation_on_two_ddp_processes_matches_one(tmp_path_factory):
+    """The validation perplexity (token-weighted over both processes) of 2 DDP processes is that of 1 process."""
+    _, one = _fits(1, tmp_path_factory)
+    _, two = _fits(2, tmp_path_factory)
+    torch.testing.assert_close(torch.tensor(two["ddp"]["val_history"]), torch.tensor(one["ddp"]["val_history"]),
+                               rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow

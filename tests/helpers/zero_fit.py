@@ -4,7 +4,8 @@ process group (N CPU processes, gloo), and save what each run saw. Used by tests
 ``--runs`` is a JSON list of runs: ``{"name", "strategy": MemKitStrategy kwargs, "steps",
 "optimizer": "adamw" | "sgd", "save_every": k (optional), "resume": name of an earlier run (optional),
 "resume_step": k, "export": true, "precision", "measure": true, "hf": true (a tiny Hugging Face Llama
-instead of the reference model; "labels": and the step calls it with labels=), "sequences": n (default 4), "trainer": more Trainer arguments (optional)}``. The data is 4 sequences and the global batch is 4 (4 on
+instead of the reference model; "labels": and the step calls it with labels=), "sequences": n (default 4), "trainer": more Trainer arguments, "validate": true (validate on the
+training data after every epoch) (optional)}``. The data is 4 sequences and the global batch is 4 (4 on
 one process, 2 on each of two): every step sees all 4 sequences whatever order Lightning's
 DistributedSampler shuffles them into, so runs on 1 and 2 processes are comparable, and every
 epoch is one step (resuming from an end-of-epoch checkpoint of a longer epoch is off by one batch in
@@ -153,9 +154,10 @@ def fit(run: dict, devices: int, workdir: str) -> dict:
     ckpt_path = None
     if run.get("resume"):
         ckpt_path = os.path.join(workdir, run["resume"], f"step={run['resume_step']}.ckpt")
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    val = DataLoader(data, batch_size=4 // devices) if run.get("validate") else None
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=val, ckpt_path=ckpt_path)
     out = {"losses": recorder.losses, "strategy": type(trainer.strategy).__name__,
-           "initial": initial, "state": full_state(trainer, module), "world_size": trainer.world_size, "partitions": partitions.numbers,
+           "initial": initial, "state": full_state(trainer, module), "val_history": list(module.val_history), "world_size": trainer.world_size, "partitions": partitions.numbers,
            "fused_calls": fused_call_count() - fused_before, **evidence.numbers,
            "optimizer_class": type(getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])).__name__}
     if run.get("export"):  # the last checkpoint, consolidated into one file
