@@ -11,6 +11,8 @@ techniques.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
@@ -593,8 +595,6 @@ class ZeroConfig:
             )
         nvme = "nvme" in (self.offload_optimizer, self.offload_parameters)
         if nvme:
-            import os
-
             if self.nvme_path is None and os.environ.get("MEMKIT_NVME_PATH"):
                 object.__setattr__(self, "nvme_path", os.environ["MEMKIT_NVME_PATH"])
             _check_nvme_path(self.nvme_path)
@@ -612,8 +612,6 @@ class ZeroConfig:
 
 
 def _check_nvme_path(path: Any) -> None:
-    import os
-
     if not isinstance(path, str) or not path:
         raise MemKitConfigError(
             f"nvme_path={path!r}: offloading to 'nvme' needs a folder on a fast local disk. Fix: set nvme_path "
@@ -634,9 +632,6 @@ def _check_nvme_path(path: Any) -> None:
 
 
 def _load_deepspeed_config(value: Any) -> dict[str, Any]:
-    import json
-    import os
-
     if value is None:
         return {}
     if isinstance(value, (str, os.PathLike)):

@@ -339,15 +339,24 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             strategy_registry.register(name, cls, description=description, override=True, **init_params)
 
 
-def _check_ddp_kwargs(ddp_kwargs: dict[str, Any]) -> None:
-    """Refuse keyword arguments that DistributedDataParallel does not take (e.g. a misspelled setting)."""
+def ddp_arguments() -> dict[str, Any]:
+    """The keyword arguments DDPStrategy and DistributedDataParallel take, with their defaults."""
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel
 
-    accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
-    accepted |= set(inspect.signature(DDPStrategy.__init__).parameters) - {"self", "kwargs"}  # e.g. ddp_comm_hook
-    unknown = sorted(set(ddp_kwargs) - accepted)
+    arguments: dict[str, Any] = {}
+    for fn in (DistributedDataParallel.__init__, DDPStrategy.__init__):  # DDPStrategy's: e.g. ddp_comm_hook
+        for name, param in inspect.signature(fn).parameters.items():
+            if name not in ("self", "module", "kwargs"):
+                arguments.setdefault(name, param.default)
+    return arguments
+
+
+def _check_ddp_kwargs(ddp_kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments that DistributedDataParallel does not take (e.g. a misspelled setting)."""
+    accepted = ddp_arguments()
+    unknown = sorted(set(ddp_kwargs) - set(accepted))
     if unknown:
         raise MemKitConfigError(
             f"MemKitStrategy got unknown argument(s) {unknown}: they are neither memkit settings nor "

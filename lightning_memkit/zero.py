@@ -45,7 +45,7 @@ from lightning_memkit.config import (
     ZeroConfig,
     parse_zero,
 )
-from lightning_memkit.strategy import MemKitStrategy, _check_ddp_kwargs
+from lightning_memkit.strategy import MemKitStrategy, _check_ddp_kwargs, ddp_arguments
 
 #: memkit optimizers whose update is element-wise, so they can step on DeepSpeed's flat partitions
 ELEMENTWISE_OPTIMIZERS = ("none", "adamw", "adamw8bit", "paged_adamw8bit")
@@ -287,14 +287,7 @@ def to_cpu_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def _changed_ddp_arguments(ddp_kwargs: dict[str, Any]) -> list[str]:
     """The DDP keyword arguments given other values than their defaults (LightningCLI passes them all)."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    defaults = {}
-    for fn in (DistributedDataParallel.__init__, DDPStrategy.__init__):
-        for name, param in inspect.signature(fn).parameters.items():
-            defaults.setdefault(name, param.default)
+    defaults = ddp_arguments()
     return sorted(k for k, v in ddp_kwargs.items() if k not in defaults or v is not defaults[k] and v != defaults[k])
 
 

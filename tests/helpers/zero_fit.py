@@ -19,6 +19,7 @@ A run with ``save_every`` saves checkpoints (mid-epoch) under ``<workdir>/<name>
 """
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -107,13 +108,13 @@ class Evidence(pl.Callback):
 
 
 def full_state(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, torch.Tensor]:
-    params = list(module.parameters())
+    gathered = contextlib.nullcontext()
     if getattr(trainer.strategy, "zero_stage_3", False):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params):
-            return {k: v.detach().clone().float() for k, v in module.state_dict().items()}
-    return {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+        gathered = deepspeed.zero.GatheredParameters(list(module.parameters()))
+    with gathered:
+        return {k: v.detach().clone().float() for k, v in module.state_dict().items()}
 
 
 def fit(run: dict, devices: int, workdir: str) -> dict:
