@@ -3,6 +3,8 @@
     memkit fit --config recipes/quickstart.yaml
     memkit fit --config recipes/quickstart.yaml --trainer.max_steps=50
     memkit fit --config recipes/quickstart.yaml --print_config
+    memkit plan --config recipes/llama3_8b_24gb.yaml --gpu-memory 24GiB --compare --plot plan.png
+    memkit verify --config recipes/quickstart.yaml --model.init_args.model=tiny
 
 Any LightningModule / LightningDataModule can be named by ``class_path``. Unknown keys fail with the
 key named (jsonargparse's strict parsing). When the model is :class:`CausalLMModule` without a
@@ -49,10 +51,84 @@ class MemKitCLI(LightningCLI):
             model.init_args.vocab_size = load_tokenizer(data.init_args.tokenizer).vocab_size
 
 
+PLAN_HELP = """memkit plan --config RECIPE.yaml [--gpu-memory 24GiB] [--cpu-memory 64GiB] [--compare] [--plot out.png]
+            [--exact-only] [--max-seq-len] [any memkit fit override, e.g. --data.init_args.seq_len=8192]
+
+Runs one full-size training step of the recipe's model and techniques on fake tensors (nothing is
+allocated) and prints the peak device memory by category and whether it fits."""
+
+VERIFY_HELP = """memkit verify --config RECIPE.yaml [--seed 0] [any memkit fit override, e.g. --model.init_args.model=tiny]
+
+Runs one batch of the recipe's data with and without each technique (real tensors, on the CPU) and
+reports the gradient and update differences; exact techniques must match to the dtype's tolerance."""
+
+
+def _planner_args(name: str, usage: str, args: list[str]) -> tuple[Any, list[str]]:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"memkit {name}", usage=usage, add_help=True)
+    parser.add_argument("--config", action="append", required=True, help="the recipe (repeatable)")
+    if name == "plan":
+        parser.add_argument("--gpu-memory", default=None, help="device memory budget, e.g. 24GiB")
+        parser.add_argument("--cpu-memory", default=None, help="host memory budget (ZeRO offload), e.g. 64GiB")
+        parser.add_argument("--compare", action="store_true", help="rank the candidate combinations that fit")
+        parser.add_argument("--plot", default=None, help="write a stacked bar chart per candidate (PNG)")
+        parser.add_argument("--exact-only", action="store_true", help="leave approximate optimizers out of --compare")
+        parser.add_argument("--max-seq-len", action="store_true",
+                            help="find the longest data.seq_len (multiple of 1024) that fits --gpu-memory")
+    else:
+        parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_known_args(args)
+
+
+def plan_main(args: list[str]) -> int:
+    """``memkit plan``."""
+    from lightning_memkit.planner.plan import longest_sequence, plan, plot
+
+    opts, overrides = _planner_args("plan", PLAN_HELP, args)
+    if opts.max_seq_len:
+        if opts.gpu_memory is None:
+            raise MemKitConfigError("memkit plan --max-seq-len needs --gpu-memory (the budget to fill).")
+        length, row = longest_sequence(opts.config, overrides, gpu_memory=opts.gpu_memory)
+        print(f"longest data.seq_len that fits {opts.gpu_memory}: {length}" if row is not None else
+              f"nothing fits {opts.gpu_memory}, even at 1024 tokens")
+        return 0
+    result = plan(opts.config, overrides, gpu_memory=opts.gpu_memory, cpu_memory=opts.cpu_memory,
+                  compare=opts.compare or opts.plot is not None, allow_approximate=not opts.exact_only)
+    print(result.description)
+    print(result.table())
+    if opts.compare:
+        print()
+        print(result.comparison())
+    if opts.plot:
+        plot(result.rows, opts.plot, result.gpu_memory, title=result.description)
+        print(f"plot written to {opts.plot}")
+    return 0 if result.recipe.fits is not False else 1
+
+
+def verify_main(args: list[str]) -> int:
+    """``memkit verify``."""
+    from lightning_memkit.planner.verify import format_checks, verify
+
+    opts, overrides = _planner_args("verify", VERIFY_HELP, args)
+    checks, description = verify(opts.config, overrides, seed=opts.seed)
+    print(description)
+    print(format_checks(checks))
+    return 0 if all(c.passed for c in checks) else 1
+
+
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``memkit`` console script."""
+    """Entry point of the ``memkit`` console script (``plan`` and ``verify`` are memkit's; the rest is LightningCLI)."""
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] in ("plan", "verify"):
+        try:
+            code = (plan_main if args[0] == "plan" else verify_main)(args[1:])
+        except MemKitConfigError as err:
+            print(f"memkit {args[0]}: {err}", file=sys.stderr)
+            code = 2
+        sys.exit(code)
     MemKitCLI(save_config_kwargs={"overwrite": True}, args=args)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    main()

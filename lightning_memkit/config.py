@@ -10,11 +10,13 @@ techniques.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 
 class MemKitConfigError(ValueError):
@@ -611,7 +613,28 @@ class ZeroConfig:
         return self.stage > 0
 
 
+#: True while ``memkit plan`` builds a recipe: checks of this machine's hardware (an NVMe folder, libaio)
+#: are skipped, since a plan is about the memory of the machine the recipe is meant for.
+_PLANNING: "contextvars.ContextVar[bool]" = contextvars.ContextVar("memkit_planning", default=False)
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[None]:
+    """Inside, settings are validated without checking this machine's hardware (see :data:`_PLANNING`)."""
+    token = _PLANNING.set(True)
+    try:
+        yield
+    finally:
+        _PLANNING.reset(token)
+
+
+def is_planning() -> bool:
+    return _PLANNING.get()
+
+
 def _check_nvme_path(path: Any) -> None:
+    if _PLANNING.get():
+        return
     if not isinstance(path, str) or not path:
         raise MemKitConfigError(
             f"nvme_path={path!r}: offloading to 'nvme' needs a folder on a fast local disk. Fix: set nvme_path "

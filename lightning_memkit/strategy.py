@@ -79,7 +79,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 #: memkit's own arguments of MemKitStrategy: the technique families, then the ZeRO backend's
 MEMKIT_ARGUMENTS = ("activations", "cross_entropy", "optimizer", "sequence", "zero_stage", "offload_optimizer",
-                    "offload_parameters", "nvme_path", "cpu_adam", "deepspeed_config")
+                    "offload_parameters", "nvme_path", "cpu_adam", "deepspeed_config", "memory_budget", "memory_search")
 
 
 class _ChooseBackend(type(DDPStrategy)):  # type: ignore[misc]
@@ -134,6 +134,14 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             ``DeepSpeedCPUAdam`` (the same update; its op is JIT-built once, 1-2 minutes). Default true.
         deepspeed_config: more DeepSpeed config keys (a mapping or a JSON file), merged into the one
             memkit builds; keys memkit or the Trainer own are refused.
+        memory_budget: auto mode: a device memory budget (``"24GiB"``, bytes, or ``"auto"``: the CUDA
+            device's free memory). At setup memkit measures one full-size step of the module on fake
+            tensors for each candidate combination of the families left unset (``activations``,
+            ``optimizer``, ``sequence`` given as None), cheapest expected step time first, takes the first
+            that fits and logs what it chose and why; it fails before training, naming the closest
+            candidate, when none fits. See ``memkit plan``.
+        memory_search: ``"any"`` (default: approximate optimizers may be chosen) or ``"exact"`` (only
+            techniques that leave the results unchanged).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as in Lightning's ``DDPStrategy``; the
             Trainer fills most of them in.
@@ -160,6 +168,8 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         nvme_path: Optional[str] = None,
         cpu_adam: bool = True,
         deepspeed_config: Union[dict[str, Any], str, None] = None,
+        memory_budget: Union[str, int, None] = None,
+        memory_search: str = "any",
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -172,6 +182,7 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         **ddp_kwargs: Any,
     ) -> None:
         self._parse_techniques(activations, cross_entropy, optimizer, sequence)
+        self._init_memory_budget(memory_budget, memory_search, activations, optimizer, sequence)
         # zero_stage 0 (here) validates the ZeRO arguments too: offload without ZeRO is refused with the fix
         self.zero = parse_zero(zero_stage, offload_optimizer, offload_parameters, nvme_path, cpu_adam, deepspeed_config)
         if self.zero.enabled:  # only reachable from a subclass: the metaclass builds the DeepSpeed backend otherwise
@@ -205,34 +216,48 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         self.optimizer_config = parse_optimizer(optimizer)
         self.sequence = parse_sequence(sequence)
 
+    def _init_memory_budget(self, budget: Any, search: str, activations: Any, optimizer: Any, sequence: Any) -> None:
+        from lightning_memkit.config import check_choice, parse_size
+
+        if budget is not None and budget != "auto":
+            parse_size("memory_budget", budget)  # an unparseable size fails here, not at setup
+        self.memory_budget = budget
+        self.memory_search = check_choice("memory_search", search, ("any", "exact"))
+        self._free_families = tuple(name for name, value in (("activations", activations), ("optimizer", optimizer),
+                                                              ("sequence", sequence)) if value is None)
+        self.memory_choice: Any = None  # the planner's Row chosen at setup
+
+    def _choose_within_budget(self, trainer: "pl.Trainer") -> None:
+        """Auto mode: pick the cheapest combination that fits ``memory_budget`` and rebuild the techniques."""
+        from lightning_memkit.planner.auto import choose_for_module
+        from lightning_memkit.planner.plan import setting_of
+        from lightning_memkit.planner.step import human_bytes
+
+        module = self.lightning_module
+        base = setting_of(self)
+        row, rows, limit = choose_for_module(module, trainer, self.memory_budget, base=base, free=self._free_families,
+                                             allow_approximate=self.memory_search == "any")
+        chosen = row.candidate.setting
+        self._parse_techniques(chosen.activations, chosen.cross_entropy, chosen.optimizer, chosen.sequence)
+        self.techniques = self._build_techniques()
+        self.memory_choice = row
+        tried = "; ".join(f"{r.candidate.name}: " + (f"{human_bytes(r.peak)}, does not fit" if r.result is not None
+                                                    else f"cannot run ({r.skipped})") for r in rows[:-1])
+        rank_zero_info(
+            f"memkit memory_budget={human_bytes(limit)}: chose '{row.candidate.name}' "
+            f"({chosen.strategy_arguments() or 'as configured'}): one step peaks at {human_bytes(row.peak)} on the "
+            f"device (measured on fake tensors), expected step time {row.candidate.overhead:.2f}x, "
+            f"{'exact' if row.candidate.exact else 'approximate'}. It is the cheapest of the combinations of "
+            f"{list(self._free_families) or 'nothing (all families set)'} that fits"
+            + (f"; cheaper ones tried: {tried}." if tried else ".")
+        )
+
     def describe_backend(self) -> str:
         """The backend in words (logged at setup)."""
         return "DDP" if not self.single_process else "one process"
 
     def _build_techniques(self) -> list[Technique]:
-        techniques: list[Technique] = []
-        if self.activations.checkpoint != "none":
-            from lightning_memkit.activations.checkpoint import CheckpointTechnique
-
-            techniques.append(CheckpointTechnique(self.activations))
-        if self.activations.compress != "none" or self.activations.offload:
-            from lightning_memkit.activations.technique import SavedTensorsTechnique
-
-            techniques.append(SavedTensorsTechnique(self.activations))  # after checkpointing: skips checkpointed blocks
-        if self.cross_entropy.fused:
-            from lightning_memkit.loss.technique import FusedCrossEntropyTechnique
-
-            techniques.append(FusedCrossEntropyTechnique(self.cross_entropy))
-        if self.sequence.enabled:  # after the fused loss: its Hugging Face forward wraps the fused one
-            from lightning_memkit.sequence.technique import SequenceTechnique
-
-            in_backward = self.optimizer_config.enabled and self.optimizer_config.in_backward
-            techniques.append(SequenceTechnique(self.sequence, step_in_backward=in_backward))
-        if self.optimizer_config.enabled:
-            from lightning_memkit.optim.technique import OptimizerTechnique
-
-            techniques.append(OptimizerTechnique(self.optimizer_config))
-        return techniques
+        return build_techniques(self.activations, self.cross_entropy, self.optimizer_config, self.sequence)
 
     # ----- one process: no process group, no DDP wrapper -----------------------------------------
     @property
@@ -267,6 +292,8 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             # Lightning injects a DistributedSampler for every DDPStrategy. With one process it would
             # only change the data order relative to the single-device strategy, so leave it out.
             trainer._accelerator_connector.use_distributed_sampler = False
+        if trainer.state.fn == TrainerFn.FITTING and self.memory_budget is not None:
+            self._choose_within_budget(trainer)
         if trainer.state.fn == TrainerFn.FITTING and self.techniques:
             module = self.lightning_module
             assert module is not None
@@ -337,6 +364,34 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         for name, (description, init_params) in PRESETS.items():
             strategy_registry.register(name, cls, description=description, override=True, **init_params)
+
+
+def build_techniques(
+    activations: ActivationsConfig, cross_entropy: CrossEntropyConfig, optimizer: OptimizerConfig, sequence: SequenceConfig
+) -> list[Technique]:
+    """The techniques the settings enable, in the order they are installed (the planner builds them too)."""
+    techniques: list[Technique] = []
+    if activations.checkpoint != "none":
+        from lightning_memkit.activations.checkpoint import CheckpointTechnique
+
+        techniques.append(CheckpointTechnique(activations))
+    if activations.compress != "none" or activations.offload:
+        from lightning_memkit.activations.technique import SavedTensorsTechnique
+
+        techniques.append(SavedTensorsTechnique(activations))  # after checkpointing: skips checkpointed blocks
+    if cross_entropy.fused:
+        from lightning_memkit.loss.technique import FusedCrossEntropyTechnique
+
+        techniques.append(FusedCrossEntropyTechnique(cross_entropy))
+    if sequence.enabled:  # after the fused loss: its Hugging Face forward wraps the fused one
+        from lightning_memkit.sequence.technique import SequenceTechnique
+
+        techniques.append(SequenceTechnique(sequence, step_in_backward=optimizer.enabled and optimizer.in_backward))
+    if optimizer.enabled:
+        from lightning_memkit.optim.technique import OptimizerTechnique
+
+        techniques.append(OptimizerTechnique(optimizer))
+    return techniques
 
 
 def ddp_arguments() -> dict[str, Any]:

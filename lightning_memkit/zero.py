@@ -295,7 +295,9 @@ def _check_async_io() -> None:
     """NVMe offload reads and writes through DeepSpeed's async_io op, which needs libaio."""
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    if not AsyncIOBuilder().is_compatible(verbose=False):
+    from lightning_memkit.config import is_planning
+
+    if not is_planning() and not AsyncIOBuilder().is_compatible(verbose=False):
         raise MemKitConfigError(
             "offload to 'nvme' needs DeepSpeed's async_io op, which cannot be built here: libaio's headers and "
             "library are missing. Fix: install libaio (e.g. `apt install libaio-dev`) and reinstall DeepSpeed, or "
@@ -335,6 +337,8 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
         nvme_path: Optional[str] = None,
         cpu_adam: bool = True,
         deepspeed_config: Union[dict[str, Any], str, None] = None,
+        memory_budget: Union[str, int, None] = None,
+        memory_search: str = "any",
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -347,6 +351,7 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         self._parse_techniques(activations, cross_entropy, optimizer, sequence)
+        self._init_memory_budget(memory_budget, memory_search, activations, optimizer, sequence)
         self.zero = parse_zero(zero_stage, offload_optimizer, offload_parameters, nvme_path, cpu_adam, deepspeed_config)
         _check_ddp_kwargs(ddp_kwargs)  # a misspelled setting is named as such before the DDP-only check below
         if not self.zero.enabled:

@@ -12,6 +12,7 @@ from lightning_memkit._imports import require
 from lightning_memkit._tensors import is_symbolic
 from lightning_memkit.loss.chunked import LossOptions, chunked_linear_cross_entropy
 from lightning_memkit.loss.reference import reference_linear_cross_entropy
+from lightning_memkit.planner.tracker import note_head_input
 
 IMPLS = ("auto", "triton", "chunked", "torch")
 REDUCTIONS = ("mean", "sum", "none")
@@ -134,6 +135,7 @@ def linear_cross_entropy(
         raise ValueError(f"filter_eps={filter_eps!r} needs impl='triton' (or 'auto', where it applies on CUDA) and a "
                          "value > 0 (or None to keep exact gradients).")
     kind = resolve_impl(impl, hidden.device, hidden.dtype, filter_eps)
+    note_head_input(hidden)  # the planner's memory categories: what follows is logits/loss
     if kind == "triton":
         if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"impl='triton' takes float32, bfloat16 or float16 inputs, not {hidden.dtype}. "

@@ -1,0 +1,217 @@
+"""Build what a recipe describes (module, Trainer, datamodule) and one batch, on fake tensors or real ones.
+
+``memkit plan`` builds the recipe's model at full size inside ``FakeTensorMode`` (nothing is
+allocated; an 8B model takes seconds), in the dtype its ``trainer.precision`` trains in. A model that
+cannot be built there (it reads a file, calls ``.item()`` or ``.numpy()`` on a weight, ...) is refused
+with the module that failed named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from lightning_memkit.config import MemKitConfigError, planning
+
+#: trainer.precision -> the dtype the weights are built in ("true" precisions; mixed ones keep fp32 weights)
+WEIGHT_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64,
+                 "bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
+
+
+class ModelBuildError(MemKitConfigError):
+    """The recipe's model cannot be built on the fake (or meta) device; the message names the part."""
+
+
+@dataclass
+class Loaded:
+    """A recipe's objects: the LightningModule (attached to the Trainer), the Trainer, the datamodule, and
+    the fake mode they were built in (None: real tensors)."""
+
+    module: Any
+    trainer: Any
+    datamodule: Any
+    fake_mode: Any
+    config: Any
+
+
+def weight_dtype(precision: Any, zero_stage: int = 0) -> Optional[torch.dtype]:
+    """The dtype of the weights during training: "true" precisions build in it; DeepSpeed (ZeRO) casts the
+    weights to 16 bits under mixed precision as well."""
+    p = str(precision)
+    if p in WEIGHT_DTYPES:
+        return WEIGHT_DTYPES[p]
+    if zero_stage and p in ("bf16-mixed", "16-mixed"):
+        return torch.bfloat16 if p.startswith("bf16") else torch.float16
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _failing_part(model_config: Any, err: BaseException) -> Optional[str]:
+    """The innermost module being built (``__init__`` of an ``nn.Module``) when the model's construction
+    fails. jsonargparse wraps the error without its traceback, so the model class is built once more
+    here (in the same device/dtype context) to find it."""
+    import importlib
+
+    failure: Optional[BaseException] = None
+    try:
+        path = model_config.class_path
+        init = model_config.get("init_args")
+        kwargs = init.as_dict() if hasattr(init, "as_dict") else dict(init or {})
+        module_name, _, cls_name = path.rpartition(".")
+        getattr(importlib.import_module(module_name), cls_name)(**kwargs)
+    except Exception as again:  # noqa: BLE001 - the failure we are looking for
+        failure = again
+    if failure is None:
+        return None
+    part = None
+    for frame, lineno in traceback.walk_tb(failure.__traceback__):
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name == "__init__" and isinstance(owner, nn.Module):
+            part = f"{type(owner).__qualname__} ({frame.f_code.co_filename}:{lineno})"
+    return part or f"{model_config.class_path} (outside any nn.Module.__init__)"
+
+
+def meta_to_fake(module: nn.Module, fake_mode: Any) -> None:
+    """Replace ``module``'s meta parameters and buffers by fake CPU tensors of the same shape and dtype
+    (tied parameters stay tied)."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def fake_like(t: torch.Tensor, param: bool) -> torch.Tensor:
+        if id(t) not in memo:
+            with fake_mode:
+                new = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if param else new
+        return memo[id(t)]
+
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                m._parameters[name] = fake_like(p, True)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                m._buffers[name] = fake_like(b, False)
+
+
+def load(config: Union[str, Sequence[str]], overrides: Sequence[str] = (), *, fake: bool = True) -> Loaded:
+    """Build the objects of a LightningCLI recipe without training.
+
+    Args:
+        config: the YAML file(s) given to ``--config``.
+        overrides: more command-line arguments, such as ``["--model.init_args.model=tiny"]``.
+        fake: build inside ``FakeTensorMode`` (full size, nothing allocated).
+
+    Raises:
+        MemKitConfigError: the recipe does not parse (the message is jsonargparse's).
+        ModelBuildError: the model cannot be built on the fake device (names the module).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lightning_memkit.cli import MemKitCLI
+
+    configs = [config] if isinstance(config, str) else list(config)
+    args = [a for c in configs for a in ("--config", c)] + list(overrides)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+
+    class _Loader(MemKitCLI):
+        def instantiate_classes(self) -> None:
+            trainer = self.config.trainer
+            strategy = trainer.get("strategy")
+            init = getattr(strategy, "init_args", None) or (strategy.get("init_args") if isinstance(strategy, dict) else None)
+            stage = int((init or {}).get("zero_stage", 0) or 0) if hasattr(init or {}, "get") else 0
+            if isinstance(strategy, str) and strategy.startswith("memkit_zero"):
+                stage = int(strategy[len("memkit_zero")])
+            dtype = weight_dtype(trainer.get("precision"), stage)
+            previous = torch.get_default_dtype()
+            with contextlib.ExitStack() as stack:
+                if fake_mode is not None:  # meta first (any tensor code runs there), then fake CPU tensors
+                    stack.enter_context(torch.device("meta"))
+                if dtype is not None:
+                    torch.set_default_dtype(dtype)
+                    stack.callback(torch.set_default_dtype, previous)
+                stack.enter_context(planning())  # the plan is for the recipe's machine, not this one
+                try:
+                    super().instantiate_classes()
+                except MemKitConfigError:
+                    raise
+                except Exception as err:
+                    part = _failing_part(self.config.get("model"), err)
+                    if part is None:  # the model builds: something else in the recipe failed
+                        raise MemKitConfigError(f"the recipe's objects cannot be built: {err}") from err
+                    where = "the meta device" if fake_mode is not None else "the CPU"
+                    raise ModelBuildError(
+                        f"the recipe's model cannot be built on {where}: {part} "
+                        f"failed with {type(err).__name__}: {_first_line(err)}. Fix: build that part from shapes only "
+                        "(no file reads, no .item()/.tolist()/.numpy() on tensors in __init__), or load weights in a "
+                        "hook such as setup() instead of __init__."
+                    ) from err
+            if fake_mode is not None:
+                meta_to_fake(self.model, fake_mode)
+
+    import sys
+    from unittest import mock
+
+    try:
+        with mock.patch.object(sys, "argv", sys.argv[:1]):  # LightningCLI warns when args and sys.argv both have some
+            cli = _Loader(args=args, run=False, parser_kwargs={"exit_on_error": False})
+    except SystemExit as err:  # jsonargparse reports parse errors by exiting
+        raise MemKitConfigError(f"the recipe {configs} does not parse (see the message above): exit {err.code}") from err
+    except ModelBuildError:
+        raise
+    except MemKitConfigError:
+        raise
+    except Exception as err:
+        if type(err).__name__ in ("ArgumentError", "NSKeyError", "ParserError"):
+            raise MemKitConfigError(f"the recipe {configs} does not parse: {err}") from err
+        raise
+    module, trainer, datamodule = cli.model, cli.trainer, cli.datamodule
+    module.trainer = trainer
+    if datamodule is not None:
+        datamodule.trainer = trainer
+    return Loaded(module=module, trainer=trainer, datamodule=datamodule, fake_mode=fake_mode, config=cli.config)
+
+
+def example_batch(loaded: Loaded) -> Any:
+    """A batch of the recipe's shape (see :func:`make_batch`)."""
+    return make_batch(loaded.module, loaded.datamodule, loaded.fake_mode)
+
+
+def make_batch(module: Any, datamodule: Any, fake_mode: Any, dataloader: Any = None) -> Any:
+    """A batch of the training shape.
+
+    ``TextDataModule`` (or any datamodule with ``seq_len`` and ``batch_size``, with a module whose
+    ``model`` has a ``vocab_size``): random token ids of that shape, made directly (fake when
+    ``fake_mode`` is given). Another datamodule: its ``memkit_example_batch()`` if it defines one, else
+    the first batch of ``dataloader`` (or of its ``train_dataloader()``), converted to fake tensors.
+    """
+    from torch.utils._pytree import tree_map
+
+    def to_fake(batch: Any) -> Any:
+        if fake_mode is None:
+            return batch
+        return tree_map(lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+
+    if datamodule is not None and hasattr(datamodule, "memkit_example_batch"):
+        return to_fake(datamodule.memkit_example_batch())
+    vocab = getattr(getattr(module, "model", None), "vocab_size", None)
+    T, B = getattr(datamodule, "seq_len", None), getattr(datamodule, "batch_size", None)
+    if vocab is not None and T is not None and B is not None:
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            ids = torch.randint(0, int(vocab), (int(B), int(T) + 1))
+            return {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
+    if dataloader is None:
+        if datamodule is None:
+            raise MemKitConfigError("there is no datamodule to take a batch from: the planner needs one. Fix: add data: (a "
+                                    "LightningDataModule), or give the datamodule a memkit_example_batch() method.")
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        dataloader = datamodule.train_dataloader()
+    return to_fake(next(iter(dataloader)))

@@ -1,0 +1,337 @@
+"""One training step of a LightningModule with a chosen set of techniques, run as the strategy runs it.
+
+:class:`StepRunner` is what ``memkit plan``, the auto mode and ``memkit verify`` share. For one
+:class:`Setting` it builds the techniques (as ``MemKitStrategy`` does), checks them against the Trainer,
+installs them on the module, rebuilds the optimizer from ``configure_optimizers``, runs Lightning's
+automatic-optimization step (``optimizer.step(closure)``: ``training_step`` inside the precision's
+forward context and the techniques' step contexts, then ``backward``) and takes the techniques off
+again. On fake tensors it measures the step with :class:`~.tracker.CategoryTracker`; on real
+tensors it can hand back the gradients and the parameters' update (for ``verify``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_memkit.config import (
+    MemKitConfigError,
+    parse_activations,
+    parse_cross_entropy,
+    parse_optimizer,
+    parse_sequence,
+)
+from lightning_memkit.planner.tracker import DYNAMIC, CategoryTracker
+
+#: Categories of a planned step, in table order.
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "logits_loss", "temporaries", "other")
+LABELS = {"parameters": "parameters", "gradients": "gradients", "optimizer_state": "optimizer state",
+          "activations": "activations", "logits_loss": "logits/loss", "temporaries": "temporaries",
+          "other": "buffers + batch"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One combination of techniques: ``MemKitStrategy``'s arguments (ZeRO ones included)."""
+
+    activations: Any = None
+    cross_entropy: Any = "fused"
+    optimizer: Any = None
+    sequence: Any = None
+    zero_stage: int = 0
+    offload_optimizer: Optional[str] = None
+    offload_parameters: Optional[str] = None
+
+    def parsed(self) -> tuple[Any, Any, Any, Any]:
+        """The four technique families' configs (ZeRO is planned by formula, not run)."""
+        return (parse_activations(self.activations), parse_cross_entropy(self.cross_entropy),
+                parse_optimizer(self.optimizer), parse_sequence(self.sequence))
+
+    def strategy_arguments(self) -> dict[str, Any]:
+        """The ``MemKitStrategy`` init arguments that differ from the defaults, in YAML-friendly form."""
+        defaults = Setting()
+        mine, theirs = self.parsed(), defaults.parsed()
+        out: dict[str, Any] = {}
+        for i, name in enumerate(("activations", "cross_entropy", "optimizer", "sequence")):
+            if mine[i] != theirs[i]:
+                value = getattr(self, name)
+                out[name] = _changed_fields(mine[i]) if dataclasses.is_dataclass(value) else value
+        for name in ("zero_stage", "offload_optimizer", "offload_parameters"):
+            if getattr(self, name) != getattr(defaults, name):
+                out[name] = getattr(self, name)
+        return out
+
+
+def _changed_fields(config: Any) -> dict[str, Any]:
+    """The fields of a config dataclass that differ from its defaults."""
+    default = type(config)()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(default, f.name)}
+
+
+def human_bytes(n: float) -> str:
+    """``"14.96 GiB"``, ``"1.95 MiB"``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale / 4:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class StepResult:
+    """What one planned step measured (bytes) or computed."""
+
+    at_peak: dict[str, int] = field(default_factory=dict)
+    maximum: dict[str, int] = field(default_factory=dict)
+    host: int = 0
+    nvme: int = 0
+    notes: list[str] = field(default_factory=list)
+    work_at_peak: dict[str, int] = field(default_factory=dict)  # forward/backward peak without gradients
+    loss: Optional[float] = None
+    gradients: dict[str, Tensor] = field(default_factory=dict)
+    update: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return sum(self.at_peak.values())
+
+
+def storage_bytes(tensors: Any, exclude: Optional[set[int]] = None) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (fake tensors too), leaving out ``exclude``."""
+    from torch.distributed._tools.common_utils import get_untyped_storages
+
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, Tensor):
+            for st in get_untyped_storages(t):
+                seen[id(st)] = st.nbytes()
+    return sum(v for k, v in seen.items() if not exclude or k not in exclude)
+
+
+def _storage_ids(tensors: Any) -> set[int]:
+    from torch.distributed._tools.common_utils import get_untyped_storages
+
+    return {id(st) for t in tensors for st in get_untyped_storages(t)}
+
+
+def head_modules(module: nn.Module) -> list[nn.Module]:
+    """The LM heads in ``module`` (submodules named ``lm_head``, or a model's output embeddings)."""
+    heads = [m for n, m in module.named_modules() if n.split(".")[-1] == "lm_head"]
+    for m in module.modules():
+        get = getattr(m, "get_output_embeddings", None)
+        if callable(get):
+            try:
+                out = get()
+            except Exception:  # noqa: BLE001 - a model without a head
+                out = None
+            if isinstance(out, nn.Module) and all(out is not h for h in heads):
+                heads.append(out)
+    return heads
+
+
+@contextlib.contextmanager
+def _no_logging(module: nn.Module) -> Iterator[None]:
+    """``self.log`` outside the Trainer's loop would raise: make it a no-op during the planned step."""
+    saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for k in ("log", "log_dict"):
+            module.__dict__.pop(k, None)
+        module.__dict__.update(saved)
+
+
+class _RunningModule:
+    """Remembers which module's forward is running (to name the part a fake step fails in)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.names = {id(m): n or type(m).__name__ for n, m in module.named_modules()}
+        self.stack: list[str] = []
+        self.last: Optional[str] = None
+
+    def __enter__(self) -> "_RunningModule":
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        def pre(m: nn.Module, _args: Any) -> None:
+            if id(m) in self.names:
+                self.stack.append(f"{self.names[id(m)]} ({type(m).__name__})")
+                self.last = self.stack[-1]
+
+        def post(m: nn.Module, _args: Any, _out: Any) -> None:
+            if id(m) in self.names and self.stack:
+                self.stack.pop()
+
+        self._handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def where(self) -> str:
+        return self.stack[-1] if self.stack else (self.last or "the step outside any module's forward")
+
+
+class StepRunner:
+    """Runs one automatic-optimization step of ``module`` with a :class:`Setting`.
+
+    Args:
+        module: the LightningModule (real or fake parameters), attached to ``trainer``.
+        trainer: the Trainer its techniques are checked against (precision, accumulation, clipping).
+        batch: the batch ``training_step`` receives.
+    """
+
+    def __init__(self, module: Any, trainer: Any, batch: Any) -> None:
+        if not module.automatic_optimization:
+            raise MemKitConfigError(
+                f"{type(module).__name__} uses manual optimization: memkit's planner runs Lightning's automatic "
+                "optimization step (optimizer.step(closure)). Fix: plan a module with automatic_optimization=True."
+            )
+        self.module, self.trainer, self.batch = module, trainer, batch
+        self.precision = trainer.precision_plugin if trainer is not None else None
+        self.last_optimizer: Any = None  # the optimizer of the last run (tests read its state)
+
+    def _optimizer(self, techniques: list[Any]) -> Any:
+        from lightning.pytorch.core.optimizer import _configure_optimizers
+
+        conf = self.module.configure_optimizers()
+        if conf is None:
+            raise MemKitConfigError(f"{type(self.module).__name__}.configure_optimizers returned None: nothing to plan.")
+        optimizers, _schedulers, _monitor = _configure_optimizers(conf)
+        if len(optimizers) != 1:
+            raise MemKitConfigError(f"configure_optimizers returned {len(optimizers)} optimizers; the planner runs one "
+                                    "(automatic optimization). Fix: plan a module with a single optimizer.")
+        for technique in techniques:
+            optimizers = technique.setup_optimizers(optimizers)
+        return optimizers[0]
+
+    @staticmethod
+    def warm_optimizer(optimizer: Any) -> None:
+        """Create the optimizer state without a forward pass: one step on zero gradients (fake tensors)."""
+        inner = getattr(optimizer, "optimizer", optimizer) if hasattr(optimizer, "remove_hooks") else optimizer
+        params = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for p in params:
+            p.grad = None
+
+    def run(self, setting: Setting, *, measure: bool = False, capture: bool = False, warm: bool = False) -> StepResult:
+        """One step with ``setting``.
+
+        Args:
+            measure: track the step's memory by category (:attr:`StepResult.at_peak`).
+            capture: keep the gradients (after backward; not with a step-in-backward optimizer) and the
+                parameters' update.
+            warm: create the optimizer state before the measured step (fake tensors).
+
+        Raises:
+            MemKitConfigError: the setting cannot run with this Trainer or module (the reason says why).
+        """
+        from lightning_memkit.strategy import build_techniques
+
+        activations, cross_entropy, optimizer_config, sequence = setting.parsed()
+        techniques = build_techniques(activations, cross_entropy, optimizer_config, sequence)
+        module, result = self.module, StepResult()
+        module.zero_grad(set_to_none=True)
+        installed: list[Any] = []
+        try:
+            for technique in techniques:
+                if self.trainer is not None:
+                    technique.setup_trainer(self.trainer)
+            for technique in techniques:
+                installed.append(technique)
+                technique.setup_module(module)
+            optimizer = self._optimizer(techniques)
+            self.last_optimizer = optimizer
+            if warm:
+                self.warm_optimizer(optimizer)
+            before = {n: p.detach().clone() for n, p in module.named_parameters()} if capture else {}
+            tracker = CategoryTracker(module.parameters(), head_modules(module)) if measure else None
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(_no_logging(module))
+                running = stack.enter_context(_RunningModule(module))
+                if tracker is not None:
+                    stack.enter_context(tracker)
+                try:
+                    self._step(techniques, optimizer, tracker, result, capture)
+                except MemKitConfigError:
+                    raise
+                except Exception as err:
+                    where = running.where()
+                    raise StepError(f"the training step failed in {where}: {type(err).__name__}: {err}") from err
+            if capture:
+                result.update = {n: (p.detach() - before[n]) for n, p in module.named_parameters()}
+            if tracker is not None:
+                result.at_peak = self._static(optimizer)
+                result.maximum = dict(result.at_peak)
+                for key in DYNAMIC:
+                    result.at_peak[key] = tracker.peak_by_category[key]
+                    result.maximum[key] = tracker.max_by_category[key]
+                result.work_at_peak = dict(tracker.work_peak_by_category)
+        finally:
+            for technique in reversed(installed):
+                technique.teardown(module)
+            module.zero_grad(set_to_none=True)
+        return result
+
+    def _static(self, optimizer: Any) -> dict[str, int]:
+        """What existed before the step: parameters, optimizer state, buffers and the batch (exact)."""
+        from torch.utils._pytree import tree_leaves
+
+        params = list(self.module.parameters())
+        param_ids = _storage_ids(params)
+        state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, Tensor)]
+        out = dict.fromkeys(CATEGORIES, 0)
+        out["parameters"] = storage_bytes(params)
+        out["optimizer_state"] = storage_bytes(state, exclude=param_ids)
+        other = list(self.module.buffers()) + [t for t in tree_leaves(self.batch) if isinstance(t, Tensor)]
+        out["other"] = storage_bytes(other, exclude=param_ids)
+        return out
+
+    def _step(self, techniques: list[Any], optimizer: Any, tracker: Optional[CategoryTracker], result: StepResult,
+              capture: bool) -> None:
+        module = self.module
+
+        def closure() -> Tensor:
+            with contextlib.ExitStack() as stack:
+                if self.precision is not None:
+                    stack.enter_context(self.precision.forward_context())
+                for technique in techniques:
+                    stack.enter_context(technique.step_context())
+                out = module.training_step(self.batch, 0)
+            loss = out["loss"] if isinstance(out, dict) else out
+            if not isinstance(loss, Tensor):
+                raise MemKitConfigError(f"{type(module).__name__}.training_step returned {type(out).__name__}, not a loss "
+                                        "tensor (or a dict with 'loss'): nothing to back-propagate.")
+            if tracker is not None:
+                tracker.begin_backward(loss)
+            loss.backward()
+            if capture:
+                result.gradients = {n: p.grad.detach().clone() for n, p in module.named_parameters()
+                                    if p.grad is not None}
+            if tracker is not None:
+                tracker.begin_optimizer()
+            return loss
+
+        optimizer.zero_grad(set_to_none=True)
+        loss = optimizer.step(closure)
+        if isinstance(loss, Tensor) and not _is_fake(loss):
+            result.loss = float(loss.detach())
+
+
+class StepError(RuntimeError):
+    """A planned step failed; the message names the module whose forward was running."""
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)

@@ -1,0 +1,190 @@
+"""Bytes of every tensor storage a training step creates, sorted into the planner's categories.
+
+:class:`CategoryTracker` is a ``TorchDispatchMode`` (it works on real and fake tensors, CPU and
+CUDA). It counts the storages created while it is active, files each under a category chosen when it
+is created, and keeps the counts at the moment of the step's peak:
+
+- ``activations``: created by the forward pass (what autograd saves, and the forward's temporaries);
+- ``logits_loss``: created by the forward once the LM head starts (logits, the loss and their
+  intermediates), and in the backward by the head's and the loss's own autograd nodes (the logits'
+  gradient);
+- ``gradients``: a storage becomes a gradient when autograd accumulates it into ``.grad`` (moved
+  there from where it was created);
+- ``temporaries``: everything else the backward pass and the optimizer step create.
+
+What existed before the step (parameters, buffers, optimizer state, the batch) is not counted here:
+the planner adds it exactly from the objects. The phase (forward / backward / optimizer) is set by
+the caller; with a sequence method, forward and backward interleave chunk by chunk inside the loss,
+so that work is filed under the forward's categories (the peak is exact; the split is not).
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+#: Categories of what the step creates, in table order.
+DYNAMIC = ("gradients", "activations", "logits_loss", "temporaries")
+
+_ACTIVE: list["CategoryTracker"] = []
+
+
+def note_head_input(hidden: Tensor) -> None:
+    """Called where an LM head or a fused loss starts (its input: the hidden states). Does nothing
+    unless a :class:`CategoryTracker` is active."""
+    for tracker in _ACTIVE:
+        tracker.head_started(hidden)
+
+
+def _storages(t: Tensor) -> list[Any]:
+    from torch.distributed._tools.common_utils import get_untyped_storages
+
+    return list(get_untyped_storages(t))
+
+
+class CategoryTracker:
+    """Context manager counting the storages a step creates, by category (see the module docstring).
+
+    Args:
+        parameters: the model's parameters: their accumulated gradients are moved to ``gradients``.
+        heads: modules whose forward starts the logits/loss part (the LM head); :func:`note_head_input`
+            marks it too (the fused loss calls it).
+
+    Attributes:
+        current, peak_by_category: bytes per category now, and at the moment of the peak.
+        peak: the most bytes alive at once. ``max_by_category``: each category's own maximum.
+        work_peak, work_peak_by_category: the same without gradients, over the forward and backward only.
+    """
+
+    def __init__(self, parameters: Iterable[Tensor] = (), heads: Iterable[nn.Module] = ()) -> None:
+        self.current = dict.fromkeys(DYNAMIC, 0)
+        self.peak = 0
+        self.peak_by_category = dict(self.current)
+        self.max_by_category = dict(self.current)
+        # the forward and backward passes' own peak, gradients left out (ZeRO partitions the gradients and
+        # steps on the CPU, so the planner adds its model states to this)
+        self.work_peak = 0
+        self.work_peak_by_category = dict(self.current)
+        self.phase = "forward"
+        self._in_head = False
+        self._head_inputs: list[Any] = []  # grad_fn of the hidden states entering a head
+        self._head_nodes: set[Any] = set()
+        self._refs: dict[int, tuple[Any, int, str]] = {}
+        self._before: dict[int, Any] = {}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._to_gradients)
+                       for p in parameters if p.requires_grad]
+        self._hooks += [h.register_forward_pre_hook(lambda _m, args: self.head_started(args[0]) if args else None)
+                        for h in heads]
+
+    # ----- phases ---------------------------------------------------------------------------------
+    def head_started(self, hidden: Any) -> None:
+        if self.phase == "forward":
+            self._in_head = True
+            if isinstance(hidden, Tensor) and hidden.grad_fn is not None:
+                self._head_inputs.append(hidden.grad_fn)
+
+    def begin_backward(self, loss: Tensor) -> None:
+        """The forward is over; the head's and the loss's autograd nodes (those between ``loss`` and
+        the hidden states) are remembered, so what they create in the backward is ``logits_loss``."""
+        self.phase, self._in_head = "backward", False
+        stop = set(self._head_inputs)
+        if not stop or loss.grad_fn is None:
+            return
+        seen, todo = set(), [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen or node in stop:
+                continue
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+        self._head_nodes = seen
+
+    def begin_optimizer(self) -> None:
+        self.phase = "optimizer"
+
+    def _category(self) -> str:
+        if self.phase == "forward":
+            return "logits_loss" if self._in_head else "activations"
+        if self.phase == "backward" and self._head_nodes and torch._C._current_autograd_node() in self._head_nodes:
+            return "logits_loss"
+        return "temporaries"
+
+    # ----- bookkeeping ----------------------------------------------------------------------------
+    def _release(self, key: int, _ref: Any) -> None:
+        entry = self._refs.pop(key, None)
+        if entry is not None:
+            self.current[entry[2]] -= entry[1]
+
+    def _forget(self, key: int, _ref: Any) -> None:
+        self._before.pop(key, None)
+
+    def _skip(self, t: Tensor) -> None:
+        for st in _storages(t):
+            key = id(st)
+            if key not in self._refs and key not in self._before:
+                self._before[key] = weakref.ref(st, partial(self._forget, key))
+
+    def _track(self, t: Tensor) -> None:
+        category: Optional[str] = None
+        for st in _storages(t):
+            key = id(st)
+            if key in self._refs or key in self._before:
+                continue
+            category = category or self._category()
+            nbytes = st.nbytes()
+            self._refs[key] = (weakref.ref(st, partial(self._release, key)), nbytes, category)
+            self.current[category] += nbytes
+            self.max_by_category[category] = max(self.max_by_category[category], self.current[category])
+            total = sum(self.current.values())
+            if total > self.peak:
+                self.peak = total
+                self.peak_by_category = dict(self.current)
+            work = total - self.current["gradients"]
+            if self.phase != "optimizer" and work > self.work_peak:
+                self.work_peak = work
+                self.work_peak_by_category = dict(self.current, gradients=0)
+
+    def _to_gradients(self, p: Tensor) -> None:
+        if p.grad is None:
+            return
+        for st in _storages(p.grad):
+            entry = self._refs.get(id(st))
+            if entry is not None and entry[2] != "gradients":
+                self.current[entry[2]] -= entry[1]
+                self.current["gradients"] += entry[1]
+                self._refs[id(st)] = (entry[0], entry[1], "gradients")
+                self.max_by_category["gradients"] = max(self.max_by_category["gradients"], self.current["gradients"])
+
+    # ----- context --------------------------------------------------------------------------------
+    def __enter__(self) -> "CategoryTracker":
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        owner = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                for t in tree_leaves((args, kwargs)):
+                    if isinstance(t, Tensor):
+                        owner._skip(t)
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, Tensor):
+                        owner._track(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.remove(self)
+        self._mode.__exit__(*exc)
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,196 @@
+"""memkit plan: the step on fake tensors, its categories against exact byte counts and the profiler."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lightning_memkit.config import MemKitConfigError
+from lightning_memkit.planner.load import ModelBuildError, example_batch, load
+from lightning_memkit.planner.plan import candidates, configured_candidate, measure, plan, plot, setting_of
+from lightning_memkit.planner.step import Setting, StepRunner
+
+QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "quickstart.yaml")
+TINY = ["--model.init_args.model=tiny", "--data.init_args.seq_len=128", "--data.init_args.batch_size=4",
+        "--trainer.logger=false", "--trainer.callbacks=[]"]
+
+
+def _fake_step(setting: Setting, overrides=TINY):
+    loaded = load(QUICKSTART, overrides, fake=True)
+    runner = StepRunner(loaded.module, loaded.trainer, example_batch(loaded))
+    with loaded.fake_mode:
+        return runner.run(setting, measure=True, warm=True), loaded
+
+
+def _real(overrides=TINY):
+    loaded = load(QUICKSTART, overrides, fake=False)
+    return loaded, StepRunner(loaded.module, loaded.trainer, example_batch(loaded))
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def test_parameter_gradient_optimizer_figures_equal_exact_byte_counts():
+    planned, _ = _fake_step(Setting(cross_entropy="plain"))
+    loaded, runner = _real()
+    module = loaded.module
+    opt = module.configure_optimizers()["optimizer"]
+    loss = module.loss(example_batch(loaded))
+    loss.backward()
+    grads = _storage_bytes(p.grad for p in module.parameters())
+    opt.step()
+    state = _storage_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    params = _storage_bytes(module.parameters())
+    assert planned.at_peak["parameters"] == params == 125_504 * 4
+    assert planned.maximum["gradients"] == grads == params
+    assert planned.at_peak["optimizer_state"] == state == 2 * params + 4 * len(opt.state)  # m, v and a step counter
+
+
+def test_apollo_in_backward_figures_equal_exact_byte_counts():
+    """A memkit optimizer's state (rank-1 moments, dense AdamW for the embeddings) is counted exactly too."""
+    setting = Setting(optimizer={"name": "apollo_mini", "in_backward": True})
+    planned, _ = _fake_step(setting)
+    loaded, runner = _real()
+    runner.run(setting)  # a real step creates the real state
+    from lightning_memkit.optim.memory import predict_state_bytes
+    from lightning_memkit.optim.convert import select_lowrank
+    from lightning_memkit.config import parse_optimizer
+
+    module = loaded.module
+    lowrank = set(select_lowrank(module, None).values())
+    params = [(n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()]
+    predicted = predict_state_bytes(params, parse_optimizer(setting.optimizer), lowrank)
+    opt = runner.last_optimizer
+    real = _storage_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    assert planned.at_peak["optimizer_state"] == predicted == real
+    assert planned.maximum["gradients"] == 0  # each gradient is consumed by its hook: none is ever kept
+
+
+def _profiled_peak(runner: StepRunner, setting: Setting, loaded) -> int:
+    """Peak bytes of one real step: what exists before it (exact) + the profiler's allocation timeline."""
+    original = runner._optimizer
+
+    def warmed(techniques):  # the measured step starts with the optimizer state, as the planner's does
+        opt = original(techniques)
+        runner.warm_optimizer(opt)
+        return opt
+
+    runner._optimizer = warmed
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.run(setting)
+    timeline = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                      for e in prof.events())
+    current = peak = 0
+    for _, delta in timeline:
+        current += delta
+        peak = max(peak, current)
+    opt = runner.last_optimizer
+    static = _storage_bytes(loaded.module.parameters()) + _storage_bytes(
+        v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    static += sum(t.nbytes for t in runner.batch.values())
+    return static + peak
+
+
+@pytest.mark.parametrize("setting", [Setting(cross_entropy="plain"), Setting(),
+                                     Setting(activations={"checkpoint": "blocks"}),
+                                     Setting(optimizer={"name": "apollo_mini", "in_backward": True})],
+                         ids=["plain", "fused-ce", "checkpoint", "apollo-in-backward"])
+def test_predicted_peak_within_10_percent_of_the_profiler(setting):
+    overrides = ["--model.init_args.model=small", "--data.init_args.seq_len=256", "--data.init_args.batch_size=4",
+                 "--trainer.logger=false", "--trainer.callbacks=[]"]
+    planned, _ = _fake_step(setting, overrides)
+    loaded, runner = _real(overrides)
+    measured = _profiled_peak(runner, setting, loaded)
+    assert abs(planned.peak - measured) <= 0.10 * measured, (planned.peak, measured, planned.at_peak)
+
+
+def test_logits_are_their_own_category():
+    plain, _ = _fake_step(Setting(cross_entropy="plain"))
+    fused, _ = _fake_step(Setting())
+    tokens, vocab = 4 * 128, 258
+    assert plain.maximum["logits_loss"] >= tokens * vocab * 4  # the fp32 logits at least
+    assert fused.maximum["logits_loss"] < plain.maximum["logits_loss"]
+
+
+def test_plan_api_compare_and_plot(tmp_path):
+    result = plan(QUICKSTART, TINY, gpu_memory="4MiB", compare=True)
+    assert result.recipe.fits is not None and len(result.rows) > 10
+    names = {r.candidate.name for r in result.rows}
+    assert {"ZeRO-2 offload", "StreamBP 32, your optimizer"} <= names
+    fitting = result.fitting()
+    assert fitting and all(r.peak <= 4 * 2**20 for r in fitting)
+    assert any(not r.fits for r in result.rows if r.result is not None)
+    assert [r.candidate.overhead for r in fitting] == sorted(r.candidate.overhead for r in fitting)
+    assert "fit in 4.00 MiB" in result.table() and "rank" in result.comparison()
+    plot(result.rows, str(tmp_path / "plan.png"), result.gpu_memory)
+    assert (tmp_path / "plan.png").stat().st_size > 10_000
+
+
+def test_memkit_plan_command(tmp_path, capsys):
+    from lightning_memkit.cli import main
+
+    png = tmp_path / "p.png"
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--config", QUICKSTART, *TINY, "--gpu-memory", "64MiB", "--compare", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0, out
+    assert "logits/loss" in out and "fits in 64.00 MiB" in out and png.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--config", QUICKSTART, *TINY, "--gpu-memory", "1KiB"])
+    assert exit_.value.code == 2
+    assert "smaller than the model's weights alone: 0.48 MiB (0.13M parameters in float32)" in capsys.readouterr().err
+
+
+def test_bad_input():
+    with pytest.raises(MemKitConfigError, match=r"gpu_memory='24 gigs' is not a memory size"):
+        plan(QUICKSTART, TINY, gpu_memory="24 gigs")
+    with pytest.raises(MemKitConfigError, match=r"gpu_memory=1.00 MiB is smaller than the model's weights alone: "
+                                                r"6.38 MiB \(1.67M parameters in float32\)"):
+        plan(QUICKSTART, [*TINY, "--model.init_args.model=small"], gpu_memory="1MiB")
+
+
+def test_a_model_that_cannot_be_built_on_the_fake_device_is_named(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("trainer: {logger: false}\nmodel:\n  class_path: tests.helpers.unbuildable.UnbuildableModule\n")
+    with pytest.raises(ModelBuildError, match=r"cannot be built on the meta device: Calibrated \(.*unbuildable.py:\d+\)"):
+        plan(str(recipe))
+
+
+def test_a_hugging_face_checkpoint_is_planned_from_its_config(tmp_path):
+    """hf_path: the planner reads only config.json (shapes) and builds the model on fake tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    result = plan(QUICKSTART, [*TINY, f"--model.init_args.hf_path={tmp_path / 'hf'}", "--model.init_args.vocab_size=300"])
+    n = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    assert result.recipe.result.at_peak["parameters"] == 4 * n
+
+
+def test_zero_rows_take_model_states_from_the_formula():
+    from lightning_memkit.zero import zero_memory
+
+    loaded = load(QUICKSTART, TINY, fake=True)
+    runner = StepRunner(loaded.module, loaded.trainer, example_batch(loaded))
+    cand = next(c for c in candidates(setting_of(loaded.trainer.strategy), seq_len=128, zero=True)
+                if c.name == "ZeRO-3 offload")
+    with loaded.fake_mode:
+        row = measure(runner, cand)
+    n = sum(p.numel() for p in loaded.module.parameters())
+    mem = zero_memory(n, world_size=1, stage=3, offload_optimizer="cpu", offload_parameters="cpu",
+                      largest_block_params=max(sum(p.numel() for p in b.parameters()) for b in loaded.module.model.blocks))
+    assert row.result.at_peak["parameters"] == 0 and row.result.host == int(mem["host"]["total"])
+    cand = next(c for c in candidates(setting_of(loaded.trainer.strategy), seq_len=128)
+                if c.name == "AdamW in backward")
+    zero_in_backward = Setting(optimizer={"name": "adamw", "in_backward": True}, zero_stage=2, offload_optimizer="cpu")
+    with loaded.fake_mode:
+        skipped = measure(runner, configured_candidate(zero_in_backward))
+    assert skipped.result is None and "in_backward" in skipped.skipped
