@@ -21,7 +21,7 @@ RECIPES = ["llama3_8b_full_24gb.yaml", "llama3_8b_long_context_24gb.yaml", "qwen
 
 
 def main(names: list[str]) -> None:
-    from lightning_memkit.planner.plan import plan, plot
+    from lightning_memkit.planner.plans import plan, plot
 
     os.environ.pop("MEMKIT_NVME_PATH", None)
     for name in names or RECIPES:

@@ -83,15 +83,19 @@ def _planner_args(name: str, usage: str, args: list[str]) -> tuple[Any, list[str
 
 def plan_main(args: list[str]) -> int:
     """``memkit plan``."""
-    from lightning_memkit.planner.plan import longest_sequence, plan, plot
+    from lightning_memkit.planner.plans import longest_sequence, plan, plot
 
     opts, overrides = _planner_args("plan", PLAN_HELP, args)
     if opts.max_seq_len:
         if opts.gpu_memory is None:
             raise MemKitConfigError("memkit plan --max-seq-len needs --gpu-memory (the budget to fill).")
-        length, row = longest_sequence(opts.config, overrides, gpu_memory=opts.gpu_memory)
-        print(f"longest data.seq_len that fits {opts.gpu_memory}: {length}" if row is not None else
-              f"nothing fits {opts.gpu_memory}, even at 1024 tokens")
+        length, row, capped = longest_sequence(opts.config, overrides, gpu_memory=opts.gpu_memory,
+                                               cpu_memory=opts.cpu_memory)
+        if row is None:
+            print(f"nothing fits {opts.gpu_memory}, even at 1024 tokens")
+            return 1
+        print(f"longest data.seq_len that fits {opts.gpu_memory}: {'at least ' if capped else ''}{length} "
+              f"(peak {row.peak / 2**30:.2f} GiB)")
         return 0
     result = plan(opts.config, overrides, gpu_memory=opts.gpu_memory, cpu_memory=opts.cpu_memory,
                   compare=opts.compare or opts.plot is not None, allow_approximate=not opts.exact_only)
@@ -119,15 +123,17 @@ def verify_main(args: list[str]) -> int:
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``memkit`` console script (``plan`` and ``verify`` are memkit's; the rest is LightningCLI)."""
-    args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] in ("plan", "verify"):
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in ("plan", "verify"):
+        from lightning_memkit.planner.step import StepError
+
         try:
-            code = (plan_main if args[0] == "plan" else verify_main)(args[1:])
-        except MemKitConfigError as err:
-            print(f"memkit {args[0]}: {err}", file=sys.stderr)
+            code = (plan_main if argv[0] == "plan" else verify_main)(argv[1:])
+        except (MemKitConfigError, StepError) as err:
+            print(f"memkit {argv[0]}: {err}", file=sys.stderr)
             code = 2
         sys.exit(code)
-    MemKitCLI(save_config_kwargs={"overwrite": True}, args=args)
+    MemKitCLI(save_config_kwargs={"overwrite": True}, args=args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":  # pragma: no cover

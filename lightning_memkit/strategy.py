@@ -139,9 +139,11 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             tensors for each candidate combination of the families left unset (``activations``,
             ``optimizer``, ``sequence`` given as None), cheapest expected step time first, takes the first
             that fits and logs what it chose and why; it fails before training, naming the closest
-            candidate, when none fits. See ``memkit plan``.
-        memory_search: ``"any"`` (default: approximate optimizers may be chosen) or ``"exact"`` (only
-            techniques that leave the results unchanged).
+            candidate, when none fits. ``"auto"`` keeps 10% of the free memory back; with several
+            processes the smallest budget of all is used, so all choose alike. See ``memkit plan``.
+        memory_search: ``"exact"`` (default: only techniques that leave the results unchanged, such as
+            checkpointing, StreamBP, the step in backward) or ``"any"`` (approximate optimizers too:
+            8-bit AdamW, APOLLO-Mini, GaLore-8bit, which change the update).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as in Lightning's ``DDPStrategy``; the
             Trainer fills most of them in.
@@ -169,7 +171,7 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         cpu_adam: bool = True,
         deepspeed_config: Union[dict[str, Any], str, None] = None,
         memory_budget: Union[str, int, None] = None,
-        memory_search: str = "any",
+        memory_search: str = "exact",
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -230,13 +232,13 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
     def _choose_within_budget(self, trainer: "pl.Trainer") -> None:
         """Auto mode: pick the cheapest combination that fits ``memory_budget`` and rebuild the techniques."""
         from lightning_memkit.planner.auto import choose_for_module
-        from lightning_memkit.planner.plan import setting_of
+        from lightning_memkit.planner.plans import setting_of
         from lightning_memkit.planner.step import human_bytes
 
         module = self.lightning_module
         base = setting_of(self)
-        row, rows, limit = choose_for_module(module, trainer, self.memory_budget, base=base, free=self._free_families,
-                                             allow_approximate=self.memory_search == "any")
+        row, rows, limit, how = choose_for_module(module, trainer, self.memory_budget, base=base,
+                                                  free=self._free_families, allow_approximate=self.memory_search == "any")
         chosen = row.candidate.setting
         self._parse_techniques(chosen.activations, chosen.cross_entropy, chosen.optimizer, chosen.sequence)
         self.techniques = self._build_techniques()
@@ -244,10 +246,11 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         tried = "; ".join(f"{r.candidate.name}: " + (f"{human_bytes(r.peak)}, does not fit" if r.result is not None
                                                     else f"cannot run ({r.skipped})") for r in rows[:-1])
         rank_zero_info(
-            f"memkit memory_budget={human_bytes(limit)}: chose '{row.candidate.name}' "
+            f"memkit memory_budget={human_bytes(limit)} ({how}): chose '{row.candidate.name}' "
             f"({chosen.strategy_arguments() or 'as configured'}): one step peaks at {human_bytes(row.peak)} on the "
             f"device (measured on fake tensors), expected step time {row.candidate.overhead:.2f}x, "
-            f"{'exact' if row.candidate.exact else 'approximate'}. It is the cheapest of the combinations of "
+            f"{'exact' if row.candidate.exact else 'approximate'}. It is the cheapest of the "
+            f"{'exact ' if self.memory_search == 'exact' else ''}combinations of "
             f"{list(self._free_families) or 'nothing (all families set)'} that fits"
             + (f"; cheaper ones tried: {tried}." if tried else ".")
         )

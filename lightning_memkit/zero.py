@@ -338,7 +338,7 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
         cpu_adam: bool = True,
         deepspeed_config: Union[dict[str, Any], str, None] = None,
         memory_budget: Union[str, int, None] = None,
-        memory_search: str = "any",
+        memory_search: str = "exact",
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,

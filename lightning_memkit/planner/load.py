@@ -19,8 +19,7 @@ from torch import nn
 from lightning_memkit.config import MemKitConfigError, planning
 
 #: trainer.precision -> the dtype the weights are built in ("true" precisions; mixed ones keep fp32 weights)
-WEIGHT_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64,
-                 "bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
+WEIGHT_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
 
 
 class ModelBuildError(MemKitConfigError):
@@ -41,8 +40,10 @@ class Loaded:
 
 def weight_dtype(precision: Any, zero_stage: int = 0) -> Optional[torch.dtype]:
     """The dtype of the weights during training: "true" precisions build in it; DeepSpeed (ZeRO) casts the
-    weights to 16 bits under mixed precision as well."""
-    p = str(precision)
+    weights to 16 bits under mixed precision as well. Lightning's old names ("bf16", "16") are mixed."""
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+    p = str(_convert_precision_to_unified_args(precision)) if precision is not None else "32-true"
     if p in WEIGHT_DTYPES:
         return WEIGHT_DTYPES[p]
     if zero_stage and p in ("bf16-mixed", "16-mixed"):
@@ -80,15 +81,16 @@ def _failing_part(model_config: Any, err: BaseException) -> Optional[str]:
     return part or f"{model_config.class_path} (outside any nn.Module.__init__)"
 
 
-def meta_to_fake(module: nn.Module, fake_mode: Any) -> None:
-    """Replace ``module``'s meta parameters and buffers by fake CPU tensors of the same shape and dtype
-    (tied parameters stay tied)."""
+def meta_to_fake(module: nn.Module, fake_mode: Any, device: Any = "cpu") -> None:
+    """Replace ``module``'s meta parameters and buffers by fake tensors on ``device`` (the Trainer's: on a
+    CUDA trainer autocast and the optimizers' fused paths act as they will in training), of the same shape
+    and dtype (tied parameters stay tied)."""
     memo: dict[int, torch.Tensor] = {}
 
     def fake_like(t: torch.Tensor, param: bool) -> torch.Tensor:
         if id(t) not in memo:
             with fake_mode:
-                new = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                new = torch.empty(t.shape, dtype=t.dtype, device=device)
             memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if param else new
         return memo[id(t)]
 
@@ -154,7 +156,7 @@ def load(config: Union[str, Sequence[str]], overrides: Sequence[str] = (), *, fa
                         "hook such as setup() instead of __init__."
                     ) from err
             if fake_mode is not None:
-                meta_to_fake(self.model, fake_mode)
+                meta_to_fake(self.model, fake_mode, self.trainer.strategy.root_device)
 
     import sys
     from unittest import mock
@@ -184,7 +186,7 @@ def example_batch(loaded: Loaded) -> Any:
     return make_batch(loaded.module, loaded.datamodule, loaded.fake_mode)
 
 
-def make_batch(module: Any, datamodule: Any, fake_mode: Any, dataloader: Any = None) -> Any:
+def make_batch(module: Any, datamodule: Any, fake_mode: Any, dataloader: Any = None, device: Any = None) -> Any:
     """A batch of the training shape.
 
     ``TextDataModule`` (or any datamodule with ``seq_len`` and ``batch_size``, with a module whose
@@ -194,10 +196,14 @@ def make_batch(module: Any, datamodule: Any, fake_mode: Any, dataloader: Any = N
     """
     from torch.utils._pytree import tree_map
 
+    if device is None:
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+
     def to_fake(batch: Any) -> Any:
         if fake_mode is None:
-            return batch
-        return tree_map(lambda t: fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+            return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+        with fake_mode:
+            return tree_map(lambda t: fake_mode.from_tensor(t).to(device) if isinstance(t, torch.Tensor) else t, batch)
 
     if datamodule is not None and hasattr(datamodule, "memkit_example_batch"):
         return to_fake(datamodule.memkit_example_batch())
@@ -205,7 +211,7 @@ def make_batch(module: Any, datamodule: Any, fake_mode: Any, dataloader: Any = N
     T, B = getattr(datamodule, "seq_len", None), getattr(datamodule, "batch_size", None)
     if vocab is not None and T is not None and B is not None:
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
-            ids = torch.randint(0, int(vocab), (int(B), int(T) + 1))
+            ids = torch.randint(0, int(vocab), (int(B), int(T) + 1), device=device)
             return {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
     if dataloader is None:
         if datamodule is None:

@@ -242,6 +242,7 @@ class StepRunner:
         module, result = self.module, StepResult()
         module.zero_grad(set_to_none=True)
         installed: list[Any] = []
+        capture_hooks: list[Any] = []
         try:
             for technique in techniques:
                 if self.trainer is not None:
@@ -249,7 +250,20 @@ class StepRunner:
             for technique in techniques:
                 installed.append(technique)
                 technique.setup_module(module)
-            optimizer = self._optimizer(techniques)
+            if capture:  # registered before the optimizer's own hooks: a step in backward consumes the gradients
+                names = {p: n for n, p in module.named_parameters()}
+
+                def keep(p: Tensor) -> None:
+                    if p.grad is not None:
+                        result.gradients[names[p]] = p.grad.detach().clone()
+
+                capture_hooks = [p.register_post_accumulate_grad_hook(keep) for p in module.parameters() if p.requires_grad]
+            try:
+                optimizer = self._optimizer(techniques)
+            except MemKitConfigError:
+                raise
+            except Exception as err:
+                raise StepError(f"configure_optimizers failed: {type(err).__name__}: {err}") from err
             self.last_optimizer = optimizer
             if warm:
                 self.warm_optimizer(optimizer)
@@ -266,7 +280,12 @@ class StepRunner:
                     raise
                 except Exception as err:
                     where = running.where()
-                    raise StepError(f"the training step failed in {where}: {type(err).__name__}: {err}") from err
+                    hint = ""
+                    if "DataDependent" in type(err).__name__ or "_local_scalar_dense" in str(err):
+                        hint = (" The step reads a tensor's value (.item(), .tolist(), `if tensor:`); fake tensors have "
+                                "none. Fix: keep such reads out of training_step's computation (log tensors, not floats).")
+                    raise StepError(f"the training step failed in {where}: {type(err).__name__}: "
+                                    f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}.{hint}") from err
             if capture:
                 result.update = {n: (p.detach() - before[n]) for n, p in module.named_parameters()}
             if tracker is not None:
@@ -277,6 +296,8 @@ class StepRunner:
                     result.maximum[key] = tracker.max_by_category[key]
                 result.work_at_peak = dict(tracker.work_peak_by_category)
         finally:
+            for hook in capture_hooks:
+                hook.remove()
             for technique in reversed(installed):
                 technique.teardown(module)
             module.zero_grad(set_to_none=True)
@@ -314,14 +335,14 @@ class StepRunner:
             if tracker is not None:
                 tracker.begin_backward(loss)
             loss.backward()
-            if capture:
-                result.gradients = {n: p.grad.detach().clone() for n, p in module.named_parameters()
-                                    if p.grad is not None}
             if tracker is not None:
                 tracker.begin_optimizer()
             return loss
 
         optimizer.zero_grad(set_to_none=True)
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
+        if tracker is not None and accumulate > 1:  # the window's last micro-batch: its gradients already exist
+            tracker.add_gradients(module.parameters())
         loss = optimizer.step(closure)
         if isinstance(loss, Tensor) and not _is_fake(loss):
             result.loss = float(loss.detach())

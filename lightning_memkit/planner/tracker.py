@@ -10,7 +10,8 @@ is created, and keeps the counts at the moment of the step's peak:
   gradient);
 - ``gradients``: a storage becomes a gradient when autograd accumulates it into ``.grad`` (moved
   there from where it was created);
-- ``temporaries``: everything else the backward pass and the optimizer step create.
+- ``temporaries``: everything else the backward pass and the optimizer step create (the
+  recomputation of checkpointed blocks in the backward is filed here too).
 
 What existed before the step (parameters, buffers, optimizer state, the batch) is not counted here:
 the planner adds it exactly from the objects. The phase (forward / backward / optimizer) is set by
@@ -75,10 +76,9 @@ class CategoryTracker:
         self._head_nodes: set[Any] = set()
         self._refs: dict[int, tuple[Any, int, str]] = {}
         self._before: dict[int, Any] = {}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._to_gradients)
-                       for p in parameters if p.requires_grad]
-        self._hooks += [h.register_forward_pre_hook(lambda _m, args: self.head_started(args[0]) if args else None)
-                        for h in heads]
+        self._parameters = [p for p in parameters if p.requires_grad]
+        self._heads = list(heads)
+        self._hooks: list[Any] = []
 
     # ----- phases ---------------------------------------------------------------------------------
     def head_started(self, hidden: Any) -> None:
@@ -177,10 +177,21 @@ class CategoryTracker:
                         owner._track(t)
                 return out
 
+        self._hooks = [p.register_post_accumulate_grad_hook(self._to_gradients) for p in self._parameters]
+        self._hooks += [h.register_forward_pre_hook(lambda _m, args: self.head_started(args[0]) if args else None)
+                        for h in self._heads]
         self._mode = _Mode()
         self._mode.__enter__()
         _ACTIVE.append(self)
         return self
+
+    def add_gradients(self, parameters: Iterable[Tensor]) -> None:
+        """Create zero gradients inside the measured step, counted as gradients (gradient accumulation: the
+        micro-batch that ends a window runs with the window's gradients already alive)."""
+        for p in parameters:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+                self._to_gradients(p)
 
     def __exit__(self, *exc: object) -> None:
         _ACTIVE.remove(self)

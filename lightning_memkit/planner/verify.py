@@ -108,12 +108,22 @@ def compare(name: str, exact: bool, ref: StepResult, run: StepResult, dtype: tor
     return Check(name, exact, grad_diff, grad_rel_max, grad_rel, update_rel, cosine, bool(ok), "; ".join(notes))
 
 
+def compute_dtype(module: Any, trainer: Any) -> torch.dtype:
+    """The dtype the step computes in (the tolerances follow it): mixed precision computes in 16 bits."""
+    precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
+    if precision.startswith("bf16-mixed"):
+        return torch.bfloat16
+    if precision.startswith("16-mixed"):
+        return torch.float16
+    return next(iter(module.parameters())).dtype
+
+
 def verify_module(module: Any, trainer: Any, batch: Any, setting: Setting, *, seed: int = 0) -> list[Check]:
     """Run the reference step and one step per technique of ``setting`` on ``module`` (real tensors), from
     the same weights each time (restored after every run)."""
     runner = StepRunner(module, trainer, batch)
     initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    dtype = next(iter(module.parameters())).dtype
+    dtype = compute_dtype(module, trainer)
 
     def run(s: Setting) -> StepResult:
         torch.manual_seed(seed)
@@ -130,7 +140,7 @@ def verify(config: Any, overrides: Sequence[str] = (), *, seed: int = 0) -> tupl
     """``memkit verify``: build the recipe on the CPU (real tensors), take one batch of its data, and check
     each technique. Returns the checks and a description of what ran."""
     from lightning_memkit.planner.load import load, make_batch
-    from lightning_memkit.planner.plan import setting_of
+    from lightning_memkit.planner.plans import setting_of
 
     loaded = load(config, overrides, fake=False)
     module, trainer = loaded.module, loaded.trainer

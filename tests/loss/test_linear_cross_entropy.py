@@ -275,3 +275,23 @@ def test_auto_resolution_per_device():
     assert resolve_impl("auto", cuda, torch.bfloat16, filter_eps=1e-4) == "triton"
     assert resolve_impl("auto", cuda, torch.float64, filter_eps=1e-4) == "chunked"
     assert resolve_impl("triton", cpu) == "triton"
+
+
+def test_chunked_loss_under_a_bf16_default_dtype():
+    """Lightning's bf16-true precision makes bf16 the default dtype inside the step; the chunked path's
+    weight-gradient slabs once built a target mask in the default dtype and failed (found by memkit plan)."""
+    from lightning_memkit.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(258, 32, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 258, (64,))
+    expected = linear_cross_entropy(h.float(), w.float(), t, impl="torch")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        loss = linear_cross_entropy(h, w, t, impl="chunked")
+        loss.backward()
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.allclose(loss, expected, rtol=2e-2) and torch.isfinite(w.grad.float()).all()

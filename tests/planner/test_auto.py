@@ -30,7 +30,7 @@ def _fit(trainer_kwargs, **strategy):
 
 def test_auto_mode_picks_the_cheapest_combination_that_fits(trainer_kwargs, caplog):
     with caplog.at_level(logging.INFO):
-        trainer = _fit(trainer_kwargs, memory_budget="2MiB")
+        trainer = _fit(trainer_kwargs, memory_budget="2MiB", memory_search="any")
     row = trainer.strategy.memory_choice
     assert row.fits and row.peak <= 2 * 2**20
     assert "chose" in caplog.text and "does not fit" in caplog.text  # cheaper ones were tried and refused
@@ -48,8 +48,9 @@ def test_a_roomy_budget_keeps_the_configuration(trainer_kwargs):
 
 
 def test_exact_search_never_chooses_an_approximate_optimizer(trainer_kwargs):
-    trainer = _fit(trainer_kwargs, memory_budget="2.5MiB", memory_search="exact")
+    trainer = _fit(trainer_kwargs, memory_budget="2.5MiB")  # memory_search="exact" is the default
     assert trainer.strategy.memory_choice.candidate.exact
+    assert trainer.strategy.optimizer_config.name in ("none", "adamw")
 
 
 def test_families_set_by_the_user_are_kept(trainer_kwargs):
@@ -60,7 +61,7 @@ def test_families_set_by_the_user_are_kept(trainer_kwargs):
 def test_an_impossible_budget_fails_before_training_naming_the_closest(trainer_kwargs):
     with pytest.raises(MemKitConfigError, match=r"memory_budget=1.00 MiB: none of the 18 combinations tried fits\. "
                                                 r"The closest is '.+' \(.+\) at 1\.\d\d MiB"):
-        _fit(trainer_kwargs, memory_budget="1MiB")
+        _fit(trainer_kwargs, memory_budget="1MiB", memory_search="any")
 
 
 def test_budget_below_the_weights_and_bad_sizes(trainer_kwargs):

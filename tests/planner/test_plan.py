@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_memkit.config import MemKitConfigError
 from lightning_memkit.planner.load import ModelBuildError, example_batch, load
-from lightning_memkit.planner.plan import candidates, configured_candidate, measure, plan, plot, setting_of
+from lightning_memkit.planner.plans import candidates, configured_candidate, measure, plan, plot, setting_of
 from lightning_memkit.planner.step import Setting, StepRunner
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "quickstart.yaml")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from lightning_memkit.planner.plan import plan
+from lightning_memkit.planner.plans import plan
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 TINY = ["--model.init_args.model=tiny", "--model.init_args.vocab_size=258", "--model.init_args.max_seq_len=128",

@@ -28,7 +28,8 @@ def test_verify_passes_exact_techniques_and_reports_approximate_ones():
     int8 = by_name["activations: compress=int8"]
     assert not int8.exact and 1e-4 < int8.grad_rel_error < 0.5
     apollo = by_name["optimizer: apollo_mini (step in backward)"]
-    assert apollo.max_grad_diff is None and apollo.update_rel_error > 0.1  # a different optimizer: reported
+    assert apollo.max_grad_diff == 0.0  # the gradients, caught before the step in backward consumes them, are the same
+    assert apollo.update_rel_error > 0.1 and apollo.update_cosine > 0  # a different optimizer: reported
     assert "0.13M parameters" in description
 
 

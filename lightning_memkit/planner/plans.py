@@ -364,7 +364,19 @@ def _judge(row: Row, gpu_memory: Optional[int], cpu_memory: Optional[int]) -> Ro
 
 # ----- the public entry points ----------------------------------------------------------------------
 def setting_of(strategy: Any) -> Setting:
-    """The :class:`Setting` a ``MemKitStrategy`` (or a preset name's strategy) is configured with."""
+    """The :class:`Setting` a ``MemKitStrategy`` (or a preset name's strategy) is configured with. Lightning's
+    single-device and DDP strategies plan as memkit with nothing on (the plain loss); others are refused."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from lightning_memkit.strategy import MemKitStrategy
+
+    if not isinstance(strategy, MemKitStrategy):
+        if type(strategy) in (DDPStrategy, SingleDeviceStrategy):
+            return Setting(cross_entropy="plain")
+        raise MemKitConfigError(
+            f"trainer.strategy is {type(strategy).__name__}: the planner runs memkit's strategies and Lightning's "
+            "single-device / DDP ones. Fix: plan with strategy: memkit (or MemKitStrategy(zero_stage=...) for DeepSpeed)."
+        )
     zero = getattr(strategy, "zero", None)
     return Setting(
         activations=getattr(strategy, "activations", None), cross_entropy=getattr(strategy, "cross_entropy", "fused"),
@@ -434,7 +446,7 @@ def plan(config: Any, overrides: Sequence[str] = (), *, gpu_memory: Any = None, 
     loaded = load(config, overrides, fake=True)
     strategy = loaded.trainer.strategy
     setting = setting_of(strategy)
-    if gpu is not None and not compare and setting.offload_parameters is None:
+    if gpu is not None and not compare and setting.zero_stage < 3:
         check_weights_fit("gpu_memory", gpu, loaded.module)
     batch = example_batch(loaded)
     runner = StepRunner(loaded.module, loaded.trainer, batch)
@@ -494,18 +506,25 @@ def choose(runner: StepRunner, base: Setting, budget: int, *, free: Iterable[str
     )
 
 
-def longest_sequence(config: Any, overrides: Sequence[str] = (), *, gpu_memory: Any, multiple: int = 1024,
-                     upper: int = 1 << 17) -> tuple[int, Optional[Row]]:
-    """The longest ``data.seq_len`` (a multiple of ``multiple``) at which the recipe's step fits ``gpu_memory``.
+def longest_sequence(config: Any, overrides: Sequence[str] = (), *, gpu_memory: Any, cpu_memory: Any = None,
+                     multiple: int = 1024, upper: int = 1 << 17) -> tuple[int, Optional[Row], bool]:
+    """The longest ``data.seq_len`` (a multiple of ``multiple``, at most ``upper``) at which the recipe's step fits.
 
     The model's ``max_seq_len`` is raised with the length (the reference model's RoPE tables follow it).
-    Bisection over fake steps: about log2(upper / multiple) steps.
+    Bisection over fake steps: about log2(upper / multiple) plans. A length the recipe's combination
+    refuses (e.g. a chunk size longer than the sequence) counts as not fitting.
+
+    Returns:
+        (the length, its row or None when not even ``multiple`` fits, True when ``upper`` itself fits).
     """
     gpu = parse_size("gpu_memory", gpu_memory)
 
     def fits(length: int) -> Optional[Row]:
-        p = plan(config, [*overrides, f"--data.init_args.seq_len={length}", f"--model.init_args.max_seq_len={length}"],
-                 gpu_memory=gpu)
+        try:
+            p = plan(config, [*overrides, f"--data.init_args.seq_len={length}", f"--model.init_args.max_seq_len={length}"],
+                     gpu_memory=gpu, cpu_memory=cpu_memory)
+        except MemKitConfigError:
+            return None
         return p.recipe if p.recipe.fits else None
 
     lo, hi, best = 0, upper // multiple, None
@@ -516,4 +535,4 @@ def longest_sequence(config: Any, overrides: Sequence[str] = (), *, gpu_memory: 
             lo, best = mid, row
         else:
             hi = mid - 1
-    return lo * multiple, best
+    return lo * multiple, best, lo == upper // multiple
