@@ -74,7 +74,8 @@ def test_apollo_in_backward_figures_equal_exact_byte_counts():
 
 
 def _profiled_peak(runner: StepRunner, setting: Setting, loaded) -> int:
-    """Peak bytes of one real step: what exists before it (exact) + the profiler's allocation timeline."""
+    """Peak bytes of one real step: the parameters and the batch (exact) + the profiler's allocation timeline of
+    the run (which creates the optimizer state on zero gradients, as the planner's warm-up does, then steps)."""
     original = runner._optimizer
 
     def warmed(techniques):  # the measured step starts with the optimizer state, as the planner's does
@@ -85,16 +86,14 @@ def _profiled_peak(runner: StepRunner, setting: Setting, loaded) -> int:
     runner._optimizer = warmed
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         runner.run(setting)
-    timeline = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                      for e in prof.events())
+    # every allocation and free the profiler recorded, in time order (the raw "[memory]" events)
+    timeline = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     current = peak = 0
     for _, delta in timeline:
         current += delta
         peak = max(peak, current)
-    opt = runner.last_optimizer
-    static = _storage_bytes(loaded.module.parameters()) + _storage_bytes(
-        v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    static += sum(t.nbytes for t in runner.batch.values())
+    # the timeline holds the optimizer state's creation (it stays alive); what existed before is added exactly
+    static = _storage_bytes(loaded.module.parameters()) + sum(t.nbytes for t in runner.batch.values())
     return static + peak
 
 
