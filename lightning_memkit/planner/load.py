@@ -13,7 +13,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_memkit.config import MemKitConfigError, planning
@@ -73,12 +75,17 @@ def _failing_part(model_config: Any, err: BaseException) -> Optional[str]:
         failure = again
     if failure is None:
         return None
+    return _innermost_module(failure) or f"{model_config.class_path} (outside any nn.Module.__init__)"
+
+
+def _innermost_module(err: BaseException) -> Optional[str]:
+    """The innermost ``nn.Module.__init__`` (class and line) in ``err``'s traceback."""
     part = None
-    for frame, lineno in traceback.walk_tb(failure.__traceback__):
+    for frame, lineno in traceback.walk_tb(err.__traceback__):
         owner = frame.f_locals.get("self")
         if frame.f_code.co_name == "__init__" and isinstance(owner, nn.Module):
             part = f"{type(owner).__qualname__} ({frame.f_code.co_filename}:{lineno})"
-    return part or f"{model_config.class_path} (outside any nn.Module.__init__)"
+    return part
 
 
 def meta_to_fake(module: nn.Module, fake_mode: Any, device: Any = "cpu") -> None:
@@ -155,6 +162,14 @@ def load(config: Union[str, Sequence[str]], overrides: Sequence[str] = (), *, fa
                         "(no file reads, no .item()/.tolist()/.numpy() on tensors in __init__), or load weights in a "
                         "hook such as setup() instead of __init__."
                     ) from err
+                if is_overridden("configure_model", self.model, pl.LightningModule):
+                    try:  # Lightning builds such models before the strategy's setup; so does the planner
+                        self.model.configure_model()
+                    except Exception as err:
+                        raise ModelBuildError(
+                            f"the recipe's model cannot be built on the meta device: {_innermost_module(err) or 'configure_model'} "
+                            f"failed with {type(err).__name__}: {_first_line(err)}. Fix: build it from shapes only."
+                        ) from err
             if fake_mode is not None:
                 meta_to_fake(self.model, fake_mode, self.trainer.strategy.root_device)
 

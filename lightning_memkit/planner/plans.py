@@ -269,10 +269,9 @@ def configured_candidate(setting: Setting) -> Candidate:
         parts.append("streambp")
     if o.enabled and o.name in ("adamw8bit", "paged_adamw8bit", "apollo_mini", "galore_adamw8bit"):
         parts.append(o.name if o.name != "paged_adamw8bit" else "adamw8bit")
-    if setting.zero_stage:
-        parts.append("zero3_offload_nvme" if setting.offload_parameters == "nvme" or setting.offload_optimizer == "nvme"
-                     else "zero3_offload" if setting.offload_parameters else "zero2_offload" if setting.offload_optimizer
-                     else "adamw_in_backward")
+    if setting.zero_stage and (setting.offload_parameters or setting.offload_optimizer):  # ZeRO alone: no factor
+        parts.append("zero3_offload_nvme" if "nvme" in (setting.offload_parameters, setting.offload_optimizer)
+                     else "zero3_offload" if setting.offload_parameters else "zero2_offload")
     exact = (o.name in ("none", "adamw")) and a.compress == "none" and not (s.enabled and not s.exact)
     return Candidate("as configured", setting, _overhead(parts), exact, tuple(parts))
 

@@ -24,3 +24,31 @@ class UnbuildableModule(pl.LightningModule):
 
     def configure_optimizers(self):  # pragma: no cover
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class LazyModule(pl.LightningModule):
+    """Builds its layers in configure_model (as for FSDP/ZeRO-3 users); planned with a batch from the datamodule."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.width = width
+        self.net = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(self.width, self.width), nn.ReLU(), nn.Linear(self.width, 1))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+
+class VectorData(pl.LightningDataModule):
+    def __init__(self, width: int = 64, batch_size: int = 32) -> None:
+        super().__init__()
+        self.width, self.batch_size = width, batch_size
+
+    def memkit_example_batch(self):
+        return torch.randn(self.batch_size, self.width)

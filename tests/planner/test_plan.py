@@ -193,3 +193,15 @@ def test_zero_rows_take_model_states_from_the_formula():
     with loaded.fake_mode:
         skipped = measure(runner, configured_candidate(zero_in_backward))
     assert skipped.result is None and "in_backward" in skipped.skipped
+
+
+def test_a_model_built_in_configure_model_and_a_datamodule_example_batch(tmp_path):
+    recipe = tmp_path / "lazy.yaml"
+    recipe.write_text("trainer: {logger: false, strategy: memkit}\n"
+                      "model: {class_path: tests.helpers.unbuildable.LazyModule, init_args: {width: 64}}\n"
+                      "data: {class_path: tests.helpers.unbuildable.VectorData, init_args: {width: 64, batch_size: 32}}\n")
+    result = plan(str(recipe))
+    params = (64 * 64 + 64 + 64 + 1) * 4
+    at = result.recipe.result.at_peak
+    assert at["parameters"] == params and at["optimizer_state"] == 2 * params + 4 * 4  # AdamW: m, v, 4 step counters
+    assert result.recipe.result.maximum["gradients"] == params and at["other"] == 32 * 64 * 4  # the batch
