@@ -211,18 +211,25 @@ def candidates(base: Setting, *, free: Iterable[str] = ("activations", "optimize
             memory_options.append((f"StreamBP {chunk}", base.activations if "activations" not in free else None,
                                    {"method": "streambp", "chunk_size": chunk}, ("streambp",)))
     opt_options = _optimizer_options(allow_approximate) if "optimizer" in free else [("", base.optimizer, (), True)]
+    # zero=True (memkit plan --compare): the rows below run on memkit's DDP backend and the ZeRO rows are added;
+    # zero=False (the auto mode, whose backend is fixed): every row keeps the base's ZeRO settings and their cost
+    if zero:
+        base_rows, zparts = dataclasses.replace(base, zero_stage=0, offload_optimizer=None, offload_parameters=None), ()
+    else:
+        base_rows, zparts = base, _zero_parts(base)
     out: list[Candidate] = []
     for mlabel, act, seq, mparts in memory_options:
         for olabel, opt, oparts, oexact in opt_options:
-            setting = dataclasses.replace(base, activations=act, sequence=seq, optimizer=opt)
+            setting = dataclasses.replace(base_rows, activations=act, sequence=seq, optimizer=opt)
             if "optimizer" not in free:
                 oexact = base.optimizer is None or _is_exact_optimizer(base.optimizer)
             exact = oexact and (seq is None or seq.get("method") != "spaco") and not _compresses(act)
-            parts = mparts + oparts
+            parts = mparts + oparts + zparts
             name = ", ".join(x for x in (mlabel, olabel) if x) or "as configured"
             out.append(Candidate(name, setting, _overhead(parts), exact, parts))
     if zero:
-        for zlabel, zargs, part in (("ZeRO-2 offload", dict(zero_stage=2, offload_optimizer="cpu"), "zero2_offload"),
+        for zlabel, zargs, part in (("ZeRO-2 offload", dict(zero_stage=2, offload_optimizer="cpu", offload_parameters=None),
+                                     "zero2_offload"),
                                     ("ZeRO-3 offload", dict(zero_stage=3, offload_optimizer="cpu",
                                                             offload_parameters="cpu"), "zero3_offload"),
                                     ("ZeRO-3 NVMe", dict(zero_stage=3, offload_optimizer="nvme",
@@ -255,6 +262,15 @@ def _overhead(parts: Iterable[str]) -> float:
     return math.prod(OVERHEAD[p][0] for p in parts)
 
 
+def _zero_parts(setting: Setting) -> tuple[str, ...]:
+    """The time factor of a setting's offload (ZeRO without offload has none)."""
+    if not setting.zero_stage or not (setting.offload_parameters or setting.offload_optimizer):
+        return ()
+    if "nvme" in (setting.offload_parameters, setting.offload_optimizer):
+        return ("zero3_offload_nvme",)
+    return ("zero3_offload",) if setting.offload_parameters else ("zero2_offload",)
+
+
 def configured_candidate(setting: Setting) -> Candidate:
     """The recipe's own combination as a candidate (its overhead from the same table)."""
     a, ce, o, s = setting.parsed()
@@ -269,9 +285,7 @@ def configured_candidate(setting: Setting) -> Candidate:
         parts.append("streambp")
     if o.enabled and o.name in ("adamw8bit", "paged_adamw8bit", "apollo_mini", "galore_adamw8bit"):
         parts.append(o.name if o.name != "paged_adamw8bit" else "adamw8bit")
-    if setting.zero_stage and (setting.offload_parameters or setting.offload_optimizer):  # ZeRO alone: no factor
-        parts.append("zero3_offload_nvme" if "nvme" in (setting.offload_parameters, setting.offload_optimizer)
-                     else "zero3_offload" if setting.offload_parameters else "zero2_offload")
+    parts.extend(_zero_parts(setting))
     exact = (o.name in ("none", "adamw")) and a.compress == "none" and not (s.enabled and not s.exact)
     return Candidate("as configured", setting, _overhead(parts), exact, tuple(parts))
 

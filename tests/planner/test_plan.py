@@ -205,3 +205,14 @@ def test_a_model_built_in_configure_model_and_a_datamodule_example_batch(tmp_pat
     at = result.recipe.result.at_peak
     assert at["parameters"] == params and at["optimizer_state"] == 2 * params + 4 * 4  # AdamW: m, v, 4 step counters
     assert result.recipe.result.maximum["gradients"] == params and at["other"] == 32 * 64 * 4  # the batch
+
+
+def test_longest_sequence_bisects_to_the_last_length_that_fits():
+    from lightning_memkit.planner.plans import longest_sequence
+
+    overrides = [o for o in TINY if "seq_len" not in o]
+    length, row, capped = longest_sequence(QUICKSTART, overrides, gpu_memory="12MiB", multiple=64, upper=1024)
+    assert row is not None and row.fits and not capped and 64 <= length < 1024
+    over = plan(QUICKSTART, [*overrides, f"--data.init_args.seq_len={length + 64}",
+                             f"--model.init_args.max_seq_len={length + 64}"], gpu_memory="12MiB")
+    assert not over.recipe.fits
