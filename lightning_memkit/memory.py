@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from lightning_memkit.planner.tracker import CategoryTracker
+
 if TYPE_CHECKING:
     from lightning_memkit.models.llama import LlamaConfig
 
@@ -135,82 +137,21 @@ def _closure_aware_mem_tracker() -> Any:
     return _Tracker()
 
 
-class LiveBytes:
-    """Bytes of the tensor storages created while it is active and still alive; and their peak.
+class LiveBytes(CategoryTracker):
+    """Bytes of the tensor storages created while it is active and still alive (:attr:`current`); and their peak.
 
     A ``TorchDispatchMode`` (works on real and fake tensors, CPU and CUDA) with no module bookkeeping,
     so it measures computations that call the same module many times in one step (the sequence
-    methods run each block once per chunk, which ``MemTracker``'s module statistics refuse). Storages
-    that existed before (parameters, optimizer state; recognized when they first appear as an op's
-    input) are not counted; tensors created inside and still alive at the end (gradients) are in
+    methods run each block once per chunk, which ``MemTracker``'s module statistics refuse). It is the
+    planner's :class:`~lightning_memkit.planner.tracker.CategoryTracker` without parameters or heads:
+    storages that existed before (parameters, optimizer state; recognized when they first appear as an
+    op's input) are not counted; tensors created inside and still alive at the end (gradients) are in
     :attr:`current`. A storage is counted at its size when created: growth by in-place ``resize_``
-    is not seen (PyTorch's own ops resize only empty ``out=`` buffers, which this misses).
-    Agrees with ``MemTracker``'s peak on a plain step to 0.01% (34.127 vs 34.131 MiB measured).
+    is not seen. Agrees with ``MemTracker``'s peak on a plain step to 0.01% (34.127 vs 34.131 MiB measured).
     """
 
     def __init__(self) -> None:
-        self.current = 0
-        self.peak = 0
-        self._refs: dict[int, Any] = {}
-        self._before: dict[int, Any] = {}  # storages that existed before (seen first as an op's input)
-
-    def _release(self, key: int, nbytes: int, _ref: Any) -> None:
-        if self._refs.pop(key, None) is not None:
-            self.current -= nbytes
-
-    def _forget(self, key: int, _ref: Any) -> None:
-        self._before.pop(key, None)
-
-    def skip(self, t: torch.Tensor) -> None:
-        """An op's input: a storage not created inside (a parameter, its views) is never counted."""
-        import weakref
-        from functools import partial
-
-        from torch.distributed._tools.common_utils import get_untyped_storages
-
-        for st in get_untyped_storages(t):
-            key = id(st)
-            if key not in self._refs and key not in self._before:
-                self._before[key] = weakref.ref(st, partial(self._forget, key))
-
-    def track(self, t: torch.Tensor) -> None:
-        import weakref
-        from functools import partial
-
-        from torch.distributed._tools.common_utils import get_untyped_storages
-
-        for st in get_untyped_storages(t):
-            key = id(st)
-            if key in self._refs or key in self._before:
-                continue
-            nbytes = st.nbytes()
-            self._refs[key] = weakref.ref(st, partial(self._release, key, nbytes))
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-
-    def __enter__(self) -> "LiveBytes":
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-
-        owner = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-                for t in tree_leaves((args, kwargs)):
-                    if isinstance(t, torch.Tensor):
-                        owner.skip(t)
-                out = func(*args, **(kwargs or {}))
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        owner.track(t)
-                return out
-
-        self._mode = _Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._mode.__exit__(*exc)
+        super().__init__()
 
 
 class StepMemoryTracker:
@@ -258,15 +199,17 @@ class StepMemoryTracker:
         )
 
 
-def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (works on fake tensors, which have no data pointer)."""
+def storage_bytes(tensors: Iterable[Any], exclude: Optional[set[int]] = None) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (works on fake tensors, which have no data pointer);
+    non-tensors are skipped, and storages whose ``id`` is in ``exclude`` left out."""
     from torch.distributed._tools.common_utils import get_untyped_storages
 
     seen: dict[int, int] = {}
     for t in tensors:
-        for st in get_untyped_storages(t):
-            seen[id(st)] = st.nbytes()
-    return sum(seen.values())
+        if isinstance(t, torch.Tensor):
+            for st in get_untyped_storages(t):
+                seen[id(st)] = st.nbytes()
+    return sum(v for k, v in seen.items() if not exclude or k not in exclude)
 
 
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -436,8 +379,8 @@ def fake_training_step(
                 step()
             by_category = dict.fromkeys(CATEGORIES, 0)
             by_category.update(
-                parameters=parameter_bytes(net), buffers=_storage_bytes(net.buffers()), activations=live.peak,
-                optimizer_state=_storage_bytes(v for st in opt.state.values() for v in st.values()
+                parameters=parameter_bytes(net), buffers=storage_bytes(net.buffers()), activations=live.peak,
+                optimizer_state=storage_bytes(v for st in opt.state.values() for v in st.values()
                                                if isinstance(v, torch.Tensor)),
             )
             return MemoryBreakdown(

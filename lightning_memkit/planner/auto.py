@@ -34,23 +34,13 @@ def _fake_tensors_left(module: nn.Module) -> list[str]:
 def fake_weights(module: nn.Module, fake_mode: Any, dtype: Optional[torch.dtype], device: Any) -> Iterator[None]:
     """Swap ``module``'s parameters and buffers for fake ones on ``device`` (floating ones in ``dtype``), then
     back. Tensor attributes the step assigns are restored too; a fake tensor left anywhere is an error."""
-    saved: list[tuple[dict, str, Any]] = []
+    from lightning_memkit.planner.load import swap_to_fake
+
     attributes = {id(m): {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)} for m in module.modules()}
     names = {id(m): (set(m._parameters), set(m._buffers)) for m in module.modules()}
-    memo: dict[int, Any] = {}
+    saved: list[tuple[dict, str, Any]] = []
     try:
-        for m in module.modules():
-            for store, is_param in ((m._parameters, True), (m._buffers, False)):
-                for name, t in list(store.items()):
-                    if t is None:
-                        continue
-                    if id(t) not in memo:
-                        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-                        with fake_mode:
-                            new = torch.empty(t.shape, dtype=target, device=device)
-                        memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
-                    saved.append((store, name, t))
-                    store[name] = memo[id(t)]
+        swap_to_fake(module, fake_mode, device, dtype, saved=saved)
         yield
     finally:
         for store, name, t in saved:

@@ -88,26 +88,31 @@ def _innermost_module(err: BaseException) -> Optional[str]:
     return part
 
 
-def meta_to_fake(module: nn.Module, fake_mode: Any, device: Any = "cpu") -> None:
-    """Replace ``module``'s meta parameters and buffers by fake tensors on ``device`` (the Trainer's: on a
-    CUDA trainer autocast and the optimizers' fused paths act as they will in training), of the same shape
-    and dtype (tied parameters stay tied)."""
+def swap_to_fake(module: nn.Module, fake_mode: Any, device: Any, dtype: Optional[torch.dtype] = None,
+                 only_meta: bool = False, saved: Optional[list] = None) -> list[tuple[dict, str, torch.Tensor]]:
+    """Replace ``module``'s parameters and buffers (``only_meta``: those on the meta device) by fake tensors of
+    the same shape on ``device`` (the Trainer's: on a CUDA trainer autocast and the optimizers' fused paths act
+    as they will in training), floating ones in ``dtype`` when given. Tied tensors stay tied.
+
+    Returns:
+        ``saved`` (a new list if None), with ``(store, name, old tensor)`` appended for each replacement as it
+        is made (so a failure part-way can still be undone).
+    """
     memo: dict[int, torch.Tensor] = {}
-
-    def fake_like(t: torch.Tensor, param: bool) -> torch.Tensor:
-        if id(t) not in memo:
-            with fake_mode:
-                new = torch.empty(t.shape, dtype=t.dtype, device=device)
-            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if param else new
-        return memo[id(t)]
-
+    saved = [] if saved is None else saved
     for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.device.type == "meta":
-                m._parameters[name] = fake_like(p, True)
-        for name, b in list(m._buffers.items()):
-            if b is not None and b.device.type == "meta":
-                m._buffers[name] = fake_like(b, False)
+        for store, is_param in ((m._parameters, True), (m._buffers, False)):
+            for name, t in list(store.items()):
+                if t is None or (only_meta and t.device.type != "meta"):
+                    continue
+                if id(t) not in memo:
+                    target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                    with fake_mode:
+                        new = torch.empty(t.shape, dtype=target, device=device)
+                    memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+                saved.append((store, name, t))
+                store[name] = memo[id(t)]
+    return saved
 
 
 def load(config: Union[str, Sequence[str]], overrides: Sequence[str] = (), *, fake: bool = True) -> Loaded:
@@ -171,7 +176,7 @@ def load(config: Union[str, Sequence[str]], overrides: Sequence[str] = (), *, fa
                             f"failed with {type(err).__name__}: {_first_line(err)}. Fix: build it from shapes only."
                         ) from err
             if fake_mode is not None:
-                meta_to_fake(self.model, fake_mode, self.trainer.strategy.root_device)
+                swap_to_fake(self.model, fake_mode, self.trainer.strategy.root_device, only_meta=True)
 
     import sys
     from unittest import mock
@@ -201,13 +206,15 @@ def example_batch(loaded: Loaded) -> Any:
     return make_batch(loaded.module, loaded.datamodule, loaded.fake_mode)
 
 
-def make_batch(module: Any, datamodule: Any, fake_mode: Any, dataloader: Any = None, device: Any = None) -> Any:
+def make_batch(module: Any, datamodule: Any, fake_mode: Any, dataloader: Any = None, device: Any = None,
+               synthetic: bool = True) -> Any:
     """A batch of the training shape.
 
     ``TextDataModule`` (or any datamodule with ``seq_len`` and ``batch_size``, with a module whose
     ``model`` has a ``vocab_size``): random token ids of that shape, made directly (fake when
     ``fake_mode`` is given). Another datamodule: its ``memkit_example_batch()`` if it defines one, else
     the first batch of ``dataloader`` (or of its ``train_dataloader()``), converted to fake tensors.
+    ``synthetic=False``: always the data's own first batch (``memkit verify``).
     """
     from torch.utils._pytree import tree_map
 
@@ -220,11 +227,11 @@ def make_batch(module: Any, datamodule: Any, fake_mode: Any, dataloader: Any = N
         with fake_mode:
             return tree_map(lambda t: fake_mode.from_tensor(t).to(device) if isinstance(t, torch.Tensor) else t, batch)
 
-    if datamodule is not None and hasattr(datamodule, "memkit_example_batch"):
+    if synthetic and datamodule is not None and hasattr(datamodule, "memkit_example_batch"):
         return to_fake(datamodule.memkit_example_batch())
     vocab = getattr(getattr(module, "model", None), "vocab_size", None)
     T, B = getattr(datamodule, "seq_len", None), getattr(datamodule, "batch_size", None)
-    if vocab is not None and T is not None and B is not None:
+    if synthetic and vocab is not None and T is not None and B is not None:
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
             ids = torch.randint(0, int(vocab), (int(B), int(T) + 1), device=device)
             return {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}

@@ -414,7 +414,7 @@ def parse_budget(key: str, value: Any, device: Optional[torch.device] = None) ->
 
 
 def weights_bytes(module: Any) -> int:
-    from lightning_memkit.planner.step import storage_bytes
+    from lightning_memkit.memory import storage_bytes
 
     return storage_bytes(module.parameters())
 

@@ -26,6 +26,7 @@ from lightning_memkit.config import (
     parse_optimizer,
     parse_sequence,
 )
+from lightning_memkit.memory import storage_bytes
 from lightning_memkit.planner.tracker import DYNAMIC, CategoryTracker
 
 #: Categories of a planned step, in table order.
@@ -99,18 +100,6 @@ class StepResult:
     @property
     def peak(self) -> int:
         return sum(self.at_peak.values())
-
-
-def storage_bytes(tensors: Any, exclude: Optional[set[int]] = None) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (fake tensors too), leaving out ``exclude``."""
-    from torch.distributed._tools.common_utils import get_untyped_storages
-
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, Tensor):
-            for st in get_untyped_storages(t):
-                seen[id(st)] = st.nbytes()
-    return sum(v for k, v in seen.items() if not exclude or k not in exclude)
 
 
 def _storage_ids(tensors: Any) -> set[int]:

@@ -56,20 +56,20 @@ class CategoryTracker:
             marks it too (the fused loss calls it).
 
     Attributes:
-        current, peak_by_category: bytes per category now, and at the moment of the peak.
+        now, peak_by_category: bytes per category now, and at the moment of the peak. ``current``: their sum.
         peak: the most bytes alive at once. ``max_by_category``: each category's own maximum.
         work_peak, work_peak_by_category: the same without gradients, over the forward and backward only.
     """
 
     def __init__(self, parameters: Iterable[Tensor] = (), heads: Iterable[nn.Module] = ()) -> None:
-        self.current = dict.fromkeys(DYNAMIC, 0)
+        self.now = dict.fromkeys(DYNAMIC, 0)
         self.peak = 0
-        self.peak_by_category = dict(self.current)
-        self.max_by_category = dict(self.current)
+        self.peak_by_category = dict(self.now)
+        self.max_by_category = dict(self.now)
         # the forward and backward passes' own peak, gradients left out (ZeRO partitions the gradients and
         # steps on the CPU, so the planner adds its model states to this)
         self.work_peak = 0
-        self.work_peak_by_category = dict(self.current)
+        self.work_peak_by_category = dict(self.now)
         self.phase = "forward"
         self._in_head = False
         self._head_inputs: list[Any] = []  # grad_fn of the hidden states entering a head
@@ -79,6 +79,11 @@ class CategoryTracker:
         self._parameters = [p for p in parameters if p.requires_grad]
         self._heads = list(heads)
         self._hooks: list[Any] = []
+
+    @property
+    def current(self) -> int:
+        """Bytes of the storages created inside and still alive."""
+        return sum(self.now.values())
 
     # ----- phases ---------------------------------------------------------------------------------
     def head_started(self, hidden: Any) -> None:
@@ -117,7 +122,7 @@ class CategoryTracker:
     def _release(self, key: int, _ref: Any) -> None:
         entry = self._refs.pop(key, None)
         if entry is not None:
-            self.current[entry[2]] -= entry[1]
+            self.now[entry[2]] -= entry[1]
 
     def _forget(self, key: int, _ref: Any) -> None:
         self._before.pop(key, None)
@@ -137,16 +142,16 @@ class CategoryTracker:
             category = category or self._category()
             nbytes = st.nbytes()
             self._refs[key] = (weakref.ref(st, partial(self._release, key)), nbytes, category)
-            self.current[category] += nbytes
-            self.max_by_category[category] = max(self.max_by_category[category], self.current[category])
-            total = sum(self.current.values())
+            self.now[category] += nbytes
+            self.max_by_category[category] = max(self.max_by_category[category], self.now[category])
+            total = sum(self.now.values())
             if total > self.peak:
                 self.peak = total
-                self.peak_by_category = dict(self.current)
-            work = total - self.current["gradients"]
+                self.peak_by_category = dict(self.now)
+            work = total - self.now["gradients"]
             if self.phase != "optimizer" and work > self.work_peak:
                 self.work_peak = work
-                self.work_peak_by_category = dict(self.current, gradients=0)
+                self.work_peak_by_category = dict(self.now, gradients=0)
 
     def _to_gradients(self, p: Tensor) -> None:
         if p.grad is None:
@@ -154,10 +159,10 @@ class CategoryTracker:
         for st in _storages(p.grad):
             entry = self._refs.get(id(st))
             if entry is not None and entry[2] != "gradients":
-                self.current[entry[2]] -= entry[1]
-                self.current["gradients"] += entry[1]
+                self.now[entry[2]] -= entry[1]
+                self.now["gradients"] += entry[1]
                 self._refs[id(st)] = (entry[0], entry[1], "gradients")
-                self.max_by_category["gradients"] = max(self.max_by_category["gradients"], self.current["gradients"])
+                self.max_by_category["gradients"] = max(self.max_by_category["gradients"], self.now["gradients"])
 
     # ----- context --------------------------------------------------------------------------------
     def __enter__(self) -> "CategoryTracker":

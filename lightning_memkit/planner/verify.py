@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from lightning_memkit.config import MemKitConfigError
 from lightning_memkit.planner.step import Setting, StepResult, StepRunner
 
 #: largest |g - g_ref| / max |g_ref| an exact technique may show, by weight dtype
@@ -146,7 +147,9 @@ def verify(config: Any, overrides: Sequence[str] = (), *, seed: int = 0) -> tupl
     module, trainer = loaded.module, loaded.trainer
     setting = setting_of(trainer.strategy)
     module = trainer.precision_plugin.convert_module(module)
-    batch = make_batch(module, None, None, _first_loader(loaded))
+    if loaded.datamodule is None:
+        raise MemKitConfigError("memkit verify needs the recipe's data: add a data: section.")
+    batch = make_batch(module, loaded.datamodule, None, synthetic=False)
     notes = ""
     if setting.zero_stage:
         notes = (f" ZeRO-{setting.zero_stage} is not run by verify (DeepSpeed's engine needs its process group); "
@@ -156,17 +159,6 @@ def verify(config: Any, overrides: Sequence[str] = (), *, seed: int = 0) -> tupl
     n = sum(p.numel() for p in module.parameters())
     shape = tuple(batch["input_ids"].shape) if isinstance(batch, dict) and "input_ids" in batch else "?"
     return checks, f"{type(module).__name__}: {n / 1e6:.2f}M parameters, one batch {shape} of the recipe's data.{notes}"
-
-
-def _first_loader(loaded: Any) -> Any:
-    dm = loaded.datamodule
-    if dm is None:
-        from lightning_memkit.config import MemKitConfigError
-
-        raise MemKitConfigError("memkit verify needs the recipe's data: add a data: section.")
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm.train_dataloader()
 
 
 def format_checks(checks: Sequence[Check]) -> str:
