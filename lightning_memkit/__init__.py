@@ -5,6 +5,7 @@ Importing the package registers the ``memkit*`` strategy names with Lightning, s
 bitsandbytes, triton) are imported only when a feature needs them.
 """
 
+from lightning_memkit.checkpoint_io import AtomicCheckpointIO
 from lightning_memkit.config import (
     ActivationsConfig,
     CrossEntropyConfig,
@@ -38,6 +39,7 @@ def __getattr__(name: str):  # lazy: these pull in torchmetrics / data code only
 __all__ = [
     "PRESETS",
     "ActivationsConfig",
+    "AtomicCheckpointIO",
     "CrossEntropyConfig",
     "CausalLMModule",
     "MemKitConfigError",

@@ -7,19 +7,23 @@
     memkit verify --config recipes/quickstart.yaml --model.init_args.model=tiny
 
 Any LightningModule / LightningDataModule can be named by ``class_path``. Unknown keys fail with the
-key named (jsonargparse's strict parsing). When the model is :class:`CausalLMModule` without a
+key named (jsonargparse's strict parsing). A bad value in a recipe ends the command with the message in a
+few lines on stderr and exit code 2; ``--debug`` (anywhere on the command line) or ``MEMKIT_DEBUG=1``
+shows the full traceback instead. When the model is :class:`CausalLMModule` without a
 ``vocab_size`` and the data is :class:`TextDataModule`, the tokenizer's vocabulary size is filled in.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_memkit  # noqa: F401  (registers the memkit strategy names)
-from lightning_memkit.config import MemKitConfigError
+from lightning_memkit.config import MemKitConfigError, recorded_errors
 from lightning_memkit.strategy import PRESETS
 
 _MODULE = "lightning_memkit.module.CausalLMModule"
@@ -33,8 +37,73 @@ def _class_path(node: Any) -> str:
     return aliases.get(path, path)
 
 
+DEBUG_FLAG, DEBUG_ENV = "--debug", "MEMKIT_DEBUG"
+_BUILDING = "memkit: raised while building the recipe's objects"
+
+# lines of jsonargparse's messages that describe its own machinery, not the user's value
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+          "Given value:")
+
+
+def memkit_cause(err: BaseException, seen: Optional[list[MemKitConfigError]] = None) -> Optional[MemKitConfigError]:
+    """The MemKitConfigError behind ``err``: ``err`` itself, one in its ``__cause__`` / ``__context__`` chain, or
+    the last of ``seen`` (recorded while ``err`` was raised) whose message ``err``'s text contains."""
+    node: Optional[BaseException] = err
+    chain: set[int] = set()
+    while node is not None and id(node) not in chain:
+        if isinstance(node, MemKitConfigError):
+            return node
+        chain.add(id(node))
+        node = node.__cause__ or node.__context__
+    text = str(err)
+    for candidate in reversed(seen or []):
+        first = str(candidate).strip().splitlines()[0] if str(candidate).strip() else ""
+        if first and first[:200] in text:
+            return candidate
+    return None
+
+
+def short_message(err: BaseException, max_lines: int = 3) -> str:
+    """``err``'s message without jsonargparse's Union machinery (the subtypes tried, "Expected a <class 'str'>"
+    when another subtype says what is wrong, the whole value echoed back), in at most ``max_lines`` lines."""
+    lines: list[str] = []
+    for raw in str(err).splitlines():
+        line = raw.strip()
+        if line.startswith("- "):
+            line = line[2:].strip()
+        if not line or line.startswith(_NOISE) or line in lines:
+            continue
+        if lines and lines[-1].endswith(":"):  # a header such as 'Parser key "model":' joins what it heads
+            lines[-1] = f"{lines[-1]} {line}"
+        else:
+            lines.append(line)
+    specific = [line for line in lines if "Expected a <class" not in line]
+    if specific:  # another subtype of a Union says what is wrong
+        lines = specific
+    if not lines:
+        lines = [type(err).__name__]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += f" ... (more with {DEBUG_FLAG})"
+    return "\n".join(line if len(line) <= 1200 else line[:1200] + " ..." for line in lines)
+
+
 class MemKitCLI(LightningCLI):
-    """LightningCLI that checks memkit strategy names and fills in the vocabulary size."""
+    """LightningCLI that checks memkit strategy names, fills in the vocabulary size, and raises the memkit
+    error behind a class that cannot be built (jsonargparse's own error buries it in Union machinery)."""
+
+    def instantiate_classes(self) -> None:
+        with recorded_errors() as seen:
+            try:
+                super().instantiate_classes()
+            except MemKitConfigError:
+                raise
+            except Exception as err:
+                cause = memkit_cause(err, seen)
+                if cause is None:  # main() shows it short, as a recipe error (add_note is Python 3.11+)
+                    err.__notes__ = [*getattr(err, "__notes__", []), _BUILDING]
+                    raise
+                raise cause from err
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -55,17 +124,31 @@ PLAN_HELP = """memkit plan --config RECIPE.yaml [--gpu-memory 24GiB] [--cpu-memo
             [--exact-only] [--max-seq-len] [any memkit fit override, e.g. --data.init_args.seq_len=8192]
 
 Runs one full-size training step of the recipe's model and techniques on fake tensors (nothing is
-allocated) and prints the peak device memory by category and whether it fits."""
+allocated) and prints the peak device memory by category and whether it fits. --compare and --max-seq-len
+print a line per candidate / length on stderr as it is measured; the result goes to stdout."""
 
 VERIFY_HELP = """memkit verify --config RECIPE.yaml [--seed 0] [any memkit fit override, e.g. --model.init_args.model=tiny]
 
 Runs one batch of the recipe's data with and without each technique (real tensors, on the CPU) and
 reports the gradient and update differences; exact techniques must match to the dtype's tolerance."""
 
+#: memkit's own subcommands, one line each (``memkit --help`` lists them above LightningCLI's)
+MEMKIT_COMMANDS = {
+    "plan": "will it fit? peak memory of one full-size step on fake tensors (--compare, --max-seq-len)",
+    "verify": "one batch with and without each technique: gradients and updates against the plain step",
+}
+
+
+def _help_section() -> str:
+    width = max(len(name) for name in (*MEMKIT_COMMANDS, DEBUG_FLAG))
+    lines = ["memkit's own subcommands (memkit SUBCOMMAND --help for their options):"]
+    lines += [f"    {name:<{width}}  {text}" for name, text in MEMKIT_COMMANDS.items()]
+    lines.append(f"    {DEBUG_FLAG:<{width}}  (any subcommand) errors with their full traceback (or {DEBUG_ENV}=1)")
+    lines.append("LightningCLI's subcommands (fit, validate, test, predict):")
+    return "\n".join(lines)
+
 
 def _planner_args(name: str, usage: str, args: list[str]) -> tuple[Any, list[str]]:
-    import argparse
-
     parser = argparse.ArgumentParser(prog=f"memkit {name}", usage=usage, add_help=True)
     parser.add_argument("--config", action="append", required=True, help="the recipe (repeatable)")
     if name == "plan":
@@ -75,30 +158,39 @@ def _planner_args(name: str, usage: str, args: list[str]) -> tuple[Any, list[str
         parser.add_argument("--plot", default=None, help="write a stacked bar chart per candidate (PNG)")
         parser.add_argument("--exact-only", action="store_true", help="leave approximate optimizers out of --compare")
         parser.add_argument("--max-seq-len", action="store_true",
-                            help="find the longest data.seq_len (multiple of 1024) that fits --gpu-memory")
+                            help="find the longest sequence (multiple of 1024) that fits --gpu-memory: varies the "
+                                 "data's seq_len, and the model's max_seq_len when it takes one")
     else:
         parser.add_argument("--seed", type=int, default=0)
     return parser.parse_known_args(args)
 
 
+def _progress_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def plan_main(args: list[str]) -> int:
     """``memkit plan``."""
-    from lightning_memkit.planner.plans import longest_sequence, plan, plot
+    from lightning_memkit.planner.plans import describe_row, longest_sequence, plan, plot
 
     opts, overrides = _planner_args("plan", PLAN_HELP, args)
     if opts.max_seq_len:
         if opts.gpu_memory is None:
-            raise MemKitConfigError("memkit plan --max-seq-len needs --gpu-memory (the budget to fill).")
-        length, row, capped = longest_sequence(opts.config, overrides, gpu_memory=opts.gpu_memory,
-                                               cpu_memory=opts.cpu_memory)
-        if row is None:
-            print(f"nothing fits {opts.gpu_memory}, even at 1024 tokens")
+            raise MemKitConfigError("memkit plan --max-seq-len needs --gpu-memory (the budget to fill). "
+                                    "Fix: add e.g. --gpu-memory 24GiB.")
+        found = longest_sequence(
+            opts.config, overrides, gpu_memory=opts.gpu_memory, cpu_memory=opts.cpu_memory,
+            progress=lambda i, length, row: _progress_line(f"[{i}] {length} tokens: {describe_row(row, named=False)}"))
+        varied = " and ".join(a.lstrip("-") for a in found.varies)
+        if found.row is None:
+            print(f"nothing fits {opts.gpu_memory}, even at 1024 tokens (varied {varied})")
             return 1
-        print(f"longest data.seq_len that fits {opts.gpu_memory}: {'at least ' if capped else ''}{length} "
-              f"(peak {row.peak / 2**30:.2f} GiB)")
+        print(f"longest sequence that fits {opts.gpu_memory}: {'at least ' if found.capped else ''}{found.length} "
+              f"tokens (peak {found.row.peak / 2**30:.2f} GiB; varied {varied})")
         return 0
     result = plan(opts.config, overrides, gpu_memory=opts.gpu_memory, cpu_memory=opts.cpu_memory,
-                  compare=opts.compare or opts.plot is not None, allow_approximate=not opts.exact_only)
+                  compare=opts.compare or opts.plot is not None, allow_approximate=not opts.exact_only,
+                  progress=lambda i, n, row: _progress_line(f"[{i}/{n}] {describe_row(row)}"))
     print(result.description)
     print(result.table())
     if opts.compare:
@@ -121,19 +213,54 @@ def verify_main(args: list[str]) -> int:
     return 0 if all(c.passed for c in checks) else 1
 
 
+def _is_recipe_error(err: BaseException) -> bool:
+    """A parse error, a memkit setting, or a class of the recipe that cannot be built (not a crash in training)."""
+    return (isinstance(err, (argparse.ArgumentError, MemKitConfigError))
+            or _BUILDING in getattr(err, "__notes__", ()))
+
+
+def _fail(command: str, err: BaseException) -> None:
+    """Print ``err`` in at most 5 lines on stderr and exit with code 2."""
+    prog = f"memkit {command}".strip()
+    lines = [f"{prog}: {short_message(err, max_lines=2)}"]
+    tip = f"{prog} --help lists the accepted options; " if isinstance(err, argparse.ArgumentError) else ""
+    lines.append(f"({tip}{DEBUG_FLAG} or {DEBUG_ENV}=1 shows the full traceback)")
+    print("\n".join(lines), file=sys.stderr)
+    sys.exit(2)
+
+
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``memkit`` console script (``plan`` and ``verify`` are memkit's; the rest is LightningCLI)."""
+    """Entry point of the ``memkit`` console script (``plan`` and ``verify`` are memkit's; the rest is LightningCLI).
+
+    ``--debug`` is memkit's (taken out before LightningCLI sees the arguments): errors show their full traceback.
+    """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in ("plan", "verify"):
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    if command in ("plan", "verify"):
         from lightning_memkit.planner.step import StepError
 
         try:
-            code = (plan_main if argv[0] == "plan" else verify_main)(argv[1:])
+            code = (plan_main if command == "plan" else verify_main)(argv[1:])
         except (MemKitConfigError, StepError) as err:
-            print(f"memkit {argv[0]}: {err}", file=sys.stderr)
-            code = 2
+            if debug:
+                raise
+            _fail(command, err)
         sys.exit(code)
-    MemKitCLI(save_config_kwargs={"overwrite": True}, args=args)  # None: LightningCLI reads sys.argv itself
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_help_section() + "\n")
+    saved_argv = sys.argv
+    # LightningCLI reads sys.argv (without --debug); a DDP launcher re-runs this command from it, too
+    sys.argv = [saved_argv[0] if saved_argv else "memkit", *argv]
+    try:
+        MemKitCLI(save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    except Exception as err:
+        if debug or not _is_recipe_error(err):
+            raise
+        _fail(command, err)
+    finally:
+        sys.argv = saved_argv
 
 
 if __name__ == "__main__":  # pragma: no cover

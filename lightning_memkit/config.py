@@ -14,13 +14,38 @@ import contextlib
 import contextvars
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Union
 
 
+#: the list :func:`recorded_errors` fills, while it is active
+_RECORDED: "contextvars.ContextVar[Optional[list[MemKitConfigError]]]" = contextvars.ContextVar("memkit_errors",
+                                                                                                 default=None)
+
+
 class MemKitConfigError(ValueError):
     """A memkit setting is invalid. The message names the key, the value and the fix."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        recorded = _RECORDED.get()
+        if recorded is not None:
+            recorded.append(self)
+
+
+@contextlib.contextmanager
+def recorded_errors() -> Iterator[list[MemKitConfigError]]:
+    """Every :class:`MemKitConfigError` created inside, in order. The command line uses it to find memkit's
+    message again where jsonargparse kept only text (it tries each type of a Union and reports them all)."""
+    recorded: list[MemKitConfigError] = []
+    token = _RECORDED.set(recorded)
+    try:
+        yield recorded
+    finally:
+        _RECORDED.reset(token)
 
 
 def _fmt_allowed(allowed: Any) -> str:
@@ -41,16 +66,69 @@ def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def check_int(key: str, value: Any, *, minimum: int) -> int:
-    """Return ``value`` if it is an int (not a bool) >= ``minimum``, else raise naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise MemKitConfigError(
-            f"{key}={value!r} has type {type(value).__name__}, expected an integer >= {minimum}. "
-            f"Fix: set {key} to an integer such as {max(minimum, 1)}."
-        )
-    if value < minimum:
-        raise MemKitConfigError(f"{key}={value!r} is below {minimum}. Fix: set {key} to an integer >= {minimum}.")
+def _range_text(minimum: Optional[float], maximum: Optional[float], min_exclusive: bool, max_exclusive: bool,
+                integer: bool) -> str:
+    """``"an integer >= 1"``, ``"a number > 0"``, ``"a number in (0, 1]"``, ``"a finite number"``."""
+    kind = "an integer" if integer else "a number"
+    if minimum is not None and maximum is not None:
+        return f"{kind} in {'(' if min_exclusive else '['}{minimum}, {maximum}{')' if max_exclusive else ']'}"
+    if minimum is not None:
+        return f"{kind} {'>' if min_exclusive else '>='} {minimum}"
+    if maximum is not None:
+        return f"{kind} {'<' if max_exclusive else '<='} {maximum}"
+    return kind if integer else "a finite number"
+
+
+def check_number(key: str, value: Any, *, minimum: Optional[float] = None, maximum: Optional[float] = None,
+                 min_exclusive: bool = False, max_exclusive: bool = False, integer: bool = False,
+                 what: Optional[str] = None, fix: Optional[str] = None) -> Any:
+    """Return ``value`` if it is a finite number in range, else raise :class:`MemKitConfigError`.
+
+    The one check of every numeric memkit setting: it refuses booleans (``True`` is an ``int`` in
+    Python), anything that is not a real number (strings such as ``"nan"`` or ``"1e-3"`` included),
+    NaN and infinities, non-integers where ``integer`` is set, and values outside the range.
+
+    Args:
+        key: the setting's name, as the user writes it (e.g. ``"optimizer.scale"``).
+        value: the value to check.
+        minimum, maximum: the bounds (None: unbounded on that side).
+        min_exclusive, max_exclusive: the bound itself is not allowed.
+        integer: the value must be an integer (``int``, not ``float``).
+        what: how the message words the allowed values (default: from the range, e.g. "an integer >= 1").
+        fix: the message's fix (default: "set {key} to {what}.").
+
+    Returns:
+        ``value`` as a Python ``int`` (``integer``) or ``float`` (numpy scalars included).
+
+    Raises:
+        MemKitConfigError: naming ``key``, the value and the fix.
+    """
+    custom = what is not None
+    what = what or _range_text(minimum, maximum, min_exclusive, max_exclusive, integer)
+    fix = fix or f"set {key} to {what}."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise MemKitConfigError(f"{key}={value!r} has type {type(value).__name__}, expected {what}. Fix: {fix}")
+    if isinstance(value, numbers.Integral):
+        value = int(value)  # Python ints are finite however large (math.isfinite would overflow on them)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise MemKitConfigError(f"{key}={value!r} is not a finite number (NaN and infinities would silently spoil "
+                                    f"the training). Fix: {fix}")
+    if minimum is not None and (value < minimum or (min_exclusive and value == minimum)):
+        relation = f"must be {what}" if custom or min_exclusive else f"is below {minimum}"
+        raise MemKitConfigError(f"{key}={value!r} {relation}. Fix: {fix}")
+    if maximum is not None and (value > maximum or (max_exclusive and value == maximum)):
+        relation = f"must be {what}" if custom or max_exclusive else f"is above {maximum}"
+        raise MemKitConfigError(f"{key}={value!r} {relation}. Fix: {fix}")
     return value
+
+
+def check_int(key: str, value: Any, *, minimum: int, maximum: Optional[int] = None) -> int:
+    """Return ``value`` if it is an int (not a bool) in ``[minimum, maximum]``, else raise naming ``key``."""
+    return check_number(key, value, minimum=minimum, maximum=maximum, integer=True,
+                        fix=f"set {key} to an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None
+                                                                      else "") + f", such as {max(minimum, 1)}.")
 
 
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -58,22 +136,35 @@ _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_size(key: str, value: Any) -> int:
-    """Bytes from an int or a string such as ``"24GiB"``, ``"512 MiB"``, ``"1.5GB"``."""
+    """Bytes from an int or a string such as ``"24GiB"``, ``"512 MiB"``, ``"1.5GB"``.
+
+    A float is taken when it is a whole number (``2e9``, as YAML writes large sizes). NaN, infinities,
+    sizes too large to represent and sizes below one byte are refused.
+
+    Raises:
+        MemKitConfigError: naming ``key``, the value and the accepted forms.
+    """
     import re
 
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
+    fix = "Fix: a positive number of bytes, or a string such as '24GiB', '512MiB' or '1.5GB'."
+    size: Any = None
+    if isinstance(value, bool):
+        size = None
+    elif isinstance(value, int):
+        size = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        size = int(value)
+    elif isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?i?[bB])?\s*", value)
         if match and (match.group(2) or "b").lower() in _SIZE_UNITS:
             unit = (match.group(2) or "b").lower()
-            size = int(float(match.group(1)) * _SIZE_UNITS[unit])
-            if size > 0:
-                return size
-    raise MemKitConfigError(
-        f"{key}={value!r} is not a memory size. Fix: a positive number of bytes, or a string such as '24GiB', "
-        "'512MiB' or '1.5GB'."
-    )
+            number = float(match.group(1)) * _SIZE_UNITS[unit]
+            size = int(number) if math.isfinite(number) else None  # "9" * 400 + "GiB" overflows to inf
+    if size is None:
+        raise MemKitConfigError(f"{key}={value!r} is not a memory size. {fix}")
+    if size < 1:
+        raise MemKitConfigError(f"{key}={value!r} is not a memory size: it is below one byte. {fix}")
+    return size
 
 
 def _parse_setting(key: str, value: Any, cls: type, shorthands: Mapping[str, Mapping[str, Any]]) -> Any:
@@ -144,7 +235,9 @@ class ActivationsConfig:
         offload: keep what the chosen modules save (compressed or not; with ``checkpoint="blocks"``,
             the blocks' inputs) in pinned host memory, on CUDA.
         modules: module-name patterns (fnmatch over ``named_modules()``) whose saved tensors are
-            compressed / offloaded; None: the transformer blocks.
+            compressed / offloaded; None: the transformer blocks. Modules inside checkpointed blocks save
+            nothing to compress: compression whose modules all lie inside them is refused at setup, and a
+            pattern that only matches such modules is warned about.
         min_numel: tensors with fewer values are never compressed or offloaded.
         activation_budget: with ``checkpoint="budget"``: bytes (or ``"6GiB"``) the transformer
             blocks may keep for the backward pass. The first training step measures one block and
@@ -278,11 +371,11 @@ class CrossEntropyConfig:
         if self.chunk_size is not None:
             check_int("cross_entropy.chunk_size", self.chunk_size, minimum=1)
         if self.filter_eps is not None:
-            if isinstance(self.filter_eps, bool) or not isinstance(self.filter_eps, (int, float)) or not self.filter_eps > 0:
-                raise MemKitConfigError(
-                    f"cross_entropy.filter_eps={self.filter_eps!r} must be a number > 0. Fix: use e.g. 0.000244 "
-                    "(2**-12), or null for exact gradients."
-                )
+            # the logit gradients it filters are (softmax - one-hot) x the token's weight: at most 1 in size, so a
+            # filter_eps of 1 or more would drop every gradient of the head and the model below it
+            object.__setattr__(self, "filter_eps", check_number(
+                "cross_entropy.filter_eps", self.filter_eps, minimum=0, maximum=1, min_exclusive=True,
+                max_exclusive=True, fix="use e.g. 0.000244 (2**-12), or null for exact gradients."))
             if self.impl not in ("triton", "auto"):  # with "auto" it applies where Triton runs (CUDA)
                 raise MemKitConfigError(
                     f"cross_entropy.filter_eps is a Triton-only option but impl={self.impl!r}. "
@@ -384,12 +477,12 @@ class OptimizerConfig:
                 check_int(f"optimizer.{key}", getattr(self, key), minimum=1)
         if self.seed is not None:
             check_int("optimizer.seed", self.seed, minimum=0)
-        for key, minimum in (("scale", 0.0), ("free_lr_scale", 0.0), ("norm_growth_limit", 0.0)):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum
-                                      or (key == "scale" and value == 0)):
-                raise MemKitConfigError(f"optimizer.{key}={value!r} must be a number {'>' if key == 'scale' else '>='} "
-                                        f"{minimum}. Fix: set a positive number or drop it for the default.")
+        for key, exclusive in (("scale", True), ("free_lr_scale", False), ("norm_growth_limit", False)):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, check_number(
+                    f"optimizer.{key}", getattr(self, key), minimum=0, min_exclusive=exclusive,
+                    fix=f"set optimizer.{key} to a finite number {'>' if exclusive else '>='} 0, or drop it for the "
+                        "optimizer's default."))
         if self.norm_growth_limit not in (None, 0) and self.norm_growth_limit < 1:
             raise MemKitConfigError(f"optimizer.norm_growth_limit={self.norm_growth_limit!r} must be >= 1 (or 0 to turn "
                                     "the limiter off). Fix: use the paper's 1.01.")
@@ -454,6 +547,8 @@ def parse_optimizer(value: OptimizerSetting) -> OptimizerConfig:
 #: "none": ordinary backprop. "seco": chunk-wise, exact. "spaco": SeCO with a random subset of the
 #: chunks back-propagated, unbiased (approximate). "streambp": layer-wise along the sequence, exact.
 SEQUENCE_METHODS = ("none", "seco", "spaco", "streambp")
+#: tokens per chunk when ``sequence.chunk_size`` is left unset (clamped to the model's maximum length)
+DEFAULT_SEQUENCE_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -463,19 +558,23 @@ class SequenceConfig:
     Attributes:
         method: one of :data:`SEQUENCE_METHODS`.
         chunk_size: tokens per chunk; the last chunk of a sequence may be shorter (any length works).
+            None (the default): :data:`DEFAULT_SEQUENCE_CHUNK` tokens, or the model's maximum sequence
+            length where that is shorter (decided at setup, where the model is known). An explicit value
+            longer than the model's maximum is refused at setup.
         keep: SpaCO only: the probability with which each chunk is back-propagated; kept chunks are
             scaled by ``1/keep`` (the compensation factor), so the gradient is unbiased.
         seed: SpaCO only: seed of the chunk sampling (step ``n`` draws from ``(seed, n)``).
     """
 
     method: str = "none"
-    chunk_size: int = 2048
+    chunk_size: Optional[int] = None
     keep: Optional[float] = None
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_choice("sequence.method", self.method, SEQUENCE_METHODS)
-        check_int("sequence.chunk_size", self.chunk_size, minimum=1)
+        if self.chunk_size is not None:
+            check_int("sequence.chunk_size", self.chunk_size, minimum=1)
         if self.method != "spaco":
             for key in ("keep", "seed"):
                 if getattr(self, key) is not None:
@@ -484,13 +583,10 @@ class SequenceConfig:
                         f"{self.method!r}. Fix: drop sequence.{key}, or set sequence.method='spaco'."
                     )
             return
-        keep = 0.5 if self.keep is None else self.keep
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-            raise MemKitConfigError(
-                f"sequence.keep={self.keep!r} must be a probability in (0, 1]. Fix: e.g. 0.5 back-propagates half the "
-                "chunks on average (1.0 is SeCO)."
-            )
-        object.__setattr__(self, "keep", float(keep))
+        keep = check_number("sequence.keep", 0.5 if self.keep is None else self.keep, minimum=0, maximum=1,
+                            min_exclusive=True, what="a probability in (0, 1]",
+                            fix="e.g. 0.5 back-propagates half the chunks on average (1.0 is SeCO).")
+        object.__setattr__(self, "keep", keep)
         object.__setattr__(self, "seed", check_int("sequence.seed", 0 if self.seed is None else self.seed, minimum=0))
 
     @property
@@ -500,6 +596,12 @@ class SequenceConfig:
     @property
     def exact(self) -> bool:
         return self.method in ("none", "seco", "streambp")
+
+    def chunk_for(self, max_seq_len: int) -> int:
+        """Tokens per chunk on a model that takes at most ``max_seq_len`` positions: ``chunk_size``, or
+        when it is unset :data:`DEFAULT_SEQUENCE_CHUNK` clamped to ``max_seq_len`` (a chunk longer than
+        the data's sequences is simply one chunk)."""
+        return self.chunk_size if self.chunk_size is not None else min(DEFAULT_SEQUENCE_CHUNK, int(max_seq_len))
 
 
 SequenceSetting = Union[str, Mapping[str, Any], SequenceConfig, None]

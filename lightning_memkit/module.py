@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_memkit.config import MemKitConfigError, check_number
 from lightning_memkit.loss.toggle import causal_lm_loss
 from lightning_memkit.models.llama import NAMED_CONFIGS, Transformer, get_config
 
@@ -48,13 +49,16 @@ class CausalLMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for key, value, lo in (("learning_rate", learning_rate, 0.0), ("weight_decay", weight_decay, 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo or (key == "learning_rate" and value == 0):
-                raise ValueError(f"model.{key}={value!r} must be a number {'>' if key == 'learning_rate' else '>='} 0.")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"model.warmup_steps={warmup_steps!r} must be an integer >= 0.")
+        check_number("model.learning_rate", learning_rate, minimum=0.0, min_exclusive=True)
+        check_number("model.weight_decay", weight_decay, minimum=0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise MemKitConfigError(f"model.betas={betas!r} must be two numbers in [0, 1). Fix: e.g. [0.9, 0.95].")
+        for i, beta in enumerate(betas):
+            check_number(f"model.betas[{i}]", beta, minimum=0.0, maximum=1.0, max_exclusive=True)
+        check_number("model.warmup_steps", warmup_steps, minimum=0, integer=True)
         if hf_path is None and model not in NAMED_CONFIGS:
-            raise ValueError(f"model.model={model!r} is not a named model shape. Fix: use one of {sorted(NAMED_CONFIGS)}.")
+            raise MemKitConfigError(f"model.model={model!r} is not a named model shape. Fix: use one of "
+                                    f"{sorted(NAMED_CONFIGS)}.")
         self.model: Optional[torch.nn.Module] = None
         self.val_loss = MeanMetric()
         self.val_history: list[float] = []  # validation perplexity after each evaluation

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import pickle
 from datetime import timedelta
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Mapping, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -37,6 +40,10 @@ from lightning_memkit.config import (
     parse_sequence,
     parse_zero,
 )
+from lightning_memkit.checkpoint_io import AtomicCheckpointIO, complete_epoch_end, unreadable_checkpoint
+from lightning_memkit.optim.state import check_torch_optimizer_state
+from lightning_memkit.resume import CHECKPOINT_KEY, check_resume, describe_family, keep_weights_only, parse_resume, \
+    settings_record
 from lightning_memkit.techniques import Technique
 
 #: name -> (description, init arguments). Registered with Lightning when the package is imported.
@@ -79,7 +86,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 #: memkit's own arguments of MemKitStrategy: the technique families, then the ZeRO backend's
 MEMKIT_ARGUMENTS = ("activations", "cross_entropy", "optimizer", "sequence", "zero_stage", "offload_optimizer",
-                    "offload_parameters", "nvme_path", "cpu_adam", "deepspeed_config", "memory_budget", "memory_search")
+                    "offload_parameters", "nvme_path", "cpu_adam", "deepspeed_config", "memory_budget", "memory_search",
+                    "resume")
 
 
 class _ChooseBackend(type(DDPStrategy)):  # type: ignore[misc]
@@ -144,16 +152,23 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         memory_search: ``"exact"`` (default: only techniques that leave the results unchanged, such as
             checkpointing, StreamBP, the step in backward) or ``"any"`` (approximate optimizers too:
             8-bit AdamW, APOLLO-Mini, GaLore-8bit, which change the update).
+        resume: what ``Trainer.fit(ckpt_path=...)`` restores. ``"exact"`` (default): everything (weights,
+            optimizer state, schedulers, step, data position, RNG), and optimizer settings that differ from
+            the ones the checkpoint records are refused at setup with both settings. ``"weights"``: the
+            model's weights only; the optimizer, schedulers and counters start fresh, so the settings may
+            change (e.g. continue an AdamW run with GaLore).
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
         process_group_backend, timeout, start_method: as in Lightning's ``DDPStrategy``; the
-            Trainer fills most of them in.
+            Trainer fills most of them in. ``checkpoint_io`` defaults to
+            :class:`~lightning_memkit.checkpoint_io.AtomicCheckpointIO` (whole files or none, checked on load).
         **ddp_kwargs: passed to ``torch.nn.parallel.DistributedDataParallel`` when more than one
             process trains.
 
     Raises:
         MemKitConfigError: an unknown technique name or key, a bad value or a wrong type; ZeRO settings
             that do not go together; a technique that cannot run under the chosen ZeRO stage (the
-            README's table lists which can).
+            README's table lists which can). When a fit resumes: optimizer settings that differ from
+            the checkpoint's (with ``resume="exact"``), or a checkpoint that is missing or damaged.
     """
 
     strategy_name = "memkit"
@@ -172,6 +187,7 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         deepspeed_config: Union[dict[str, Any], str, None] = None,
         memory_budget: Union[str, int, None] = None,
         memory_search: str = "exact",
+        resume: str = "exact",
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -185,6 +201,7 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
     ) -> None:
         self._parse_techniques(activations, cross_entropy, optimizer, sequence)
         self._init_memory_budget(memory_budget, memory_search, activations, optimizer, sequence)
+        self._init_resume(resume)
         # zero_stage 0 (here) validates the ZeRO arguments too: offload without ZeRO is refused with the fix
         self.zero = parse_zero(zero_stage, offload_optimizer, offload_parameters, nvme_path, cpu_adam, deepspeed_config)
         if self.zero.enabled:  # only reachable from a subclass: the metaclass builds the DeepSpeed backend otherwise
@@ -202,7 +219,7 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io,  # None: AtomicCheckpointIO (see the checkpoint_io property)
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -228,6 +245,10 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         self._free_families = tuple(name for name, value in (("activations", activations), ("optimizer", optimizer),
                                                               ("sequence", sequence)) if value is None)
         self.memory_choice: Any = None  # the planner's Row chosen at setup
+
+    def _init_resume(self, resume: str) -> None:
+        self.resume = parse_resume(resume)
+        self._weights_resume = False  # True after a resume="weights" checkpoint was loaded
 
     def _choose_within_budget(self, trainer: "pl.Trainer") -> None:
         """Auto mode: pick the cheapest combination that fits ``memory_budget`` and rebuild the techniques."""
@@ -306,6 +327,15 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             for technique in self.techniques:
                 technique.setup_module(module)
             rank_zero_info(f"memkit ({self.describe_backend()}): " + "; ".join(t.describe() for t in self.techniques))
+        if self.single_process and not self.zero.enabled and trainer.state.fn != TrainerFn.FITTING:
+            # DDPStrategy.setup would broadcast the weights from rank 0 (validate / test / predict), which needs
+            # a process group: one process has none and nothing to synchronize. The rest of its setup:
+            assert self.accelerator is not None
+            self.accelerator.setup(trainer)
+            self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            self.setup_precision_plugin()
+            return
         super().setup(trainer)
 
     @override
@@ -360,6 +390,104 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
                 technique.teardown(self._installed_on)
             self._installed_on = None
         super().teardown()
+
+    # ----- checkpoints: atomic files, the settings recorded, resumes checked against them --------------
+    @property
+    @override
+    def checkpoint_io(self) -> CheckpointIO:
+        """Lightning's, except that the default writes atomically (:class:`~lightning_memkit.checkpoint_io.AtomicCheckpointIO`):
+        a process killed while a checkpoint is written leaves the previous one intact."""
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        elif isinstance(self._checkpoint_io, _WrappingCheckpointIO) and self._checkpoint_io.checkpoint_io is None:
+            self._checkpoint_io.checkpoint_io = AtomicCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: Optional[CheckpointIO]) -> None:
+        self._checkpoint_io = io
+
+    def settings_record(self) -> dict[str, Any]:
+        """The settings a checkpoint records (see :mod:`lightning_memkit.resume`)."""
+        return settings_record(self.activations, self.cross_entropy, self.optimizer_config, self.sequence, self.zero)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.settings_record()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = str(checkpoint_path)
+        if os.path.isdir(path) and os.path.isdir(os.path.join(path, "checkpoint")):
+            raise MemKitConfigError(
+                f"ckpt_path={path!r} is a DeepSpeed (ZeRO) checkpoint folder, and this run uses memkit's DDP backend "
+                "(zero_stage=0). Fix: resume with the zero_stage it was written with, or make one file of it with "
+                "lightning_memkit.zero.export_consolidated and resume from that with resume='weights'."
+            )
+        self._weights_resume = False
+        try:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        except FileNotFoundError as error:
+            raise MemKitConfigError(f"ckpt_path={path!r} does not exist. Fix: pass an existing checkpoint file (or "
+                                    "'last' / 'best' with the ModelCheckpoint that wrote it).") from error
+        except (EOFError, RuntimeError, pickle.UnpicklingError) as error:
+            raise MemKitConfigError(unreadable_checkpoint(path, error)) from error
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise MemKitConfigError(f"ckpt_path={path!r} is not a Lightning checkpoint (no 'state_dict'). Fix: pass a "
+                                    "file ModelCheckpoint or Trainer.save_checkpoint wrote.")
+        return self._resume_from(checkpoint.get(CHECKPOINT_KEY), checkpoint, path)
+
+    def _resume_from(self, saved: Optional[dict[str, Any]], checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
+        """Check (and with ``resume="weights"`` trim) a checkpoint this run is about to restore."""
+        if not self._fitting():
+            return checkpoint  # validate / test / predict restore weights only: settings do not matter
+        complete_epoch_end(checkpoint)  # an end-of-epoch checkpoint resumes at the next epoch's first batch
+        if saved is not None and self.memory_budget is not None and "optimizer" in self._free_families \
+                and self.resume == "exact" \
+                and self._installed_on is None:  # DDP restores before setup; DeepSpeed after (then: checked only)
+            # auto mode: keep the optimizer the checkpoint trained with (its state cannot drive another)
+            self.optimizer_config = OptimizerConfig(**saved["optimizer"])
+            self._free_families = tuple(f for f in self._free_families if f != "optimizer")
+            self.techniques = self._build_techniques()
+            rank_zero_info(f"memkit memory_budget: resuming keeps the checkpoint's optimizer "
+                           f"({describe_family('optimizer', saved['optimizer'])}).")
+        changed = check_resume(saved, self.settings_record(), checkpoint=path, mode=self.resume)
+        if changed:
+            rank_zero_info("memkit: resuming with changed settings (they take effect from the first resumed step; "
+                           "they keep no state): " + "; ".join(changed))
+        if self.resume == "weights":
+            self._weights_resume = True
+            rank_zero_info(f"memkit resume='weights': restoring the model's weights from {path}; the optimizer state, "
+                           "LR schedulers, step counter and data position start fresh.")
+            return keep_weights_only(checkpoint)
+        return checkpoint
+
+    def _fitting(self) -> bool:
+        module = self.lightning_module
+        return module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return not self._weights_resume and super().lightning_restore_optimizer
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        try:
+            super().load_optimizer_state_dict(checkpoint)
+            for optimizer, saved in zip(self.optimizers, checkpoint.get("optimizer_states", ())):
+                check_torch_optimizer_state(optimizer, saved)
+        except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as error:
+            raise MemKitConfigError(
+                f"the checkpoint's optimizer state does not fit this run's optimizer "
+                f"({describe_family('optimizer', self.settings_record()['optimizer'])}): {type(error).__name__}: "
+                f"{error} It was written with other optimizer settings"
+                + ("" if checkpoint.get(CHECKPOINT_KEY) else " (the checkpoint records no memkit settings, so which "
+                   "ones cannot be said)")
+                + ". Fix: resume with the optimizer settings it was trained with, or start from its weights alone with "
+                "MemKitStrategy(resume='weights')."
+            ) from error
 
     # ----- presets --------------------------------------------------------------------------------
     @classmethod

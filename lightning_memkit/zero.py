@@ -14,7 +14,10 @@ adds
   DeepSpeed's shared-memory all-reduce op (a JIT-compiled speed-up for CPU clusters) is skipped;
 - ``cpu_adam``: with the optimizer offloaded, torch ``Adam``/``AdamW`` steps run as DeepSpeed's
   vectorized ``DeepSpeedCPUAdam`` (same update); any other optimizer is kept as it is;
-- :func:`export_consolidated`: one file with the full fp32 (or cast) weights of a sharded checkpoint.
+- :func:`export_consolidated`: one file with the full fp32 (or cast) weights of a sharded checkpoint;
+- checkpoints written whole or not at all: the shards go to ``<path>.partial`` and the folder takes the
+  checkpoint's name once every rank has written (a kill mid-write leaves the previous one), with the
+  memkit settings record beside the shards, checked before DeepSpeed loads any state.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 from datetime import timedelta
 from typing import Any, Iterator, Literal, Optional, Union
 
@@ -45,6 +49,8 @@ from lightning_memkit.config import (
     ZeroConfig,
     parse_zero,
 )
+from lightning_memkit.checkpoint_io import complete_epoch_end
+from lightning_memkit.resume import CHECKPOINT_KEY, keep_weights_only, read_zero_record, write_zero_record
 from lightning_memkit.strategy import MemKitStrategy, _check_ddp_kwargs, ddp_arguments
 
 #: memkit optimizers whose update is element-wise, so they can step on DeepSpeed's flat partitions
@@ -339,6 +345,7 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
         deepspeed_config: Union[dict[str, Any], str, None] = None,
         memory_budget: Union[str, int, None] = None,
         memory_search: str = "exact",
+        resume: str = "exact",
         *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -352,6 +359,7 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
     ) -> None:
         self._parse_techniques(activations, cross_entropy, optimizer, sequence)
         self._init_memory_budget(memory_budget, memory_search, activations, optimizer, sequence)
+        self._init_resume(resume)
         self.zero = parse_zero(zero_stage, offload_optimizer, offload_parameters, nvme_path, cpu_adam, deepspeed_config)
         _check_ddp_kwargs(ddp_kwargs)  # a misspelled setting is named as such before the DDP-only check below
         if not self.zero.enabled:
@@ -439,6 +447,49 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
         kwargs.setdefault("scale_wrt_gas", False)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
+    # ----- sharded checkpoints: whole or not at all, settings checked before the engine loads ------------
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        target = os.path.abspath(str(self.broadcast(str(filepath))))
+        staging = target + PARTIAL_SUFFIX
+        if self.is_global_zero and os.path.exists(staging):
+            shutil.rmtree(staging)  # what a killed save left behind
+        self.barrier("memkit_zero_save_begin")
+        super().save_checkpoint(checkpoint, staging, storage_options=storage_options)  # adds the settings record
+        if self.is_global_zero:
+            write_zero_record(staging, self.settings_record())
+        self.barrier("memkit_zero_save_written")
+        if self.is_global_zero:
+            _publish_folder(staging, target)
+        self.barrier("memkit_zero_save_done")
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = str(checkpoint_path)
+        self._weights_resume = False
+        if not os.path.isdir(path):
+            if os.path.isdir(path + OLD_SUFFIX):
+                raise MemKitConfigError(
+                    f"ckpt_path={path!r} is missing but {path + OLD_SUFFIX!r} exists: a save was killed between "
+                    "replacing the old checkpoint and naming the new one. Fix: rename that folder to "
+                    f"{os.path.basename(path)!r} and resume again.")
+            return DeepSpeedStrategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)  # its error
+        # the record is checked before DeepSpeed loads the optimizer partitions, maybe of another optimizer
+        record = read_zero_record(path)
+        self._resume_from(record, {}, path)
+        if not self._weights_resume:
+            checkpoint = DeepSpeedStrategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
+            if record is None:  # written by an earlier memkit: its settings travel in the client state only
+                checkpoint = self._resume_from(checkpoint.get(CHECKPOINT_KEY), checkpoint, path)
+            elif self._fitting():
+                complete_epoch_end(checkpoint)  # as _resume_from does
+            return checkpoint
+        module = self.lightning_module
+        _, client_state = self.deepspeed_engine.load_checkpoint(  # the weights alone
+            path, load_optimizer_states=False, load_lr_scheduler_states=False,
+            load_module_strict=module.strict_loading)
+        return keep_weights_only(client_state or {})
+
     @override
     def _init_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
         optimizer, scheduler_config = super()._init_optimizers()
@@ -452,6 +503,42 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
                 self._repoint_schedulers(optimizer, new, configs)
                 optimizer = new
         return optimizer, scheduler_config
+
+
+#: suffixes of a sharded checkpoint's folder while it is written, and of the one it replaces
+PARTIAL_SUFFIX, OLD_SUFFIX = ".partial", ".old"
+
+
+def _publish_folder(staging: str, target: str) -> None:
+    """Give the fully written folder ``staging`` the name ``target``, replacing an earlier checkpoint there.
+
+    Every file is fsynced first, so a crash after the rename cannot expose unwritten data. Two renames
+    (target -> target.old, staging -> target) cannot be one atomic step for folders: a kill between them
+    leaves the previous checkpoint whole as ``target.old`` (``load_checkpoint`` names it).
+    """
+    for root, _, names in os.walk(staging):
+        for name in names:
+            with open(os.path.join(root, name), "rb+") as f:
+                os.fsync(f.fileno())
+    old = target + OLD_SUFFIX
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.isdir(target):
+        os.replace(target, old)
+    elif os.path.exists(target):
+        os.remove(target)
+    os.replace(staging, target)
+    _fsync_folder(os.path.dirname(target))
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_trainer_against_config(config: dict[str, Any], trainer: "pl.Trainer") -> None:

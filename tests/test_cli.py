@@ -138,3 +138,85 @@ def test_unknown_sequence_method_in_recipe(tmp_path):
     recipe.write_text(open(RECIPE).read().replace("      cross_entropy: fused", "      sequence: streambp2\n      cross_entropy: fused"))
     with pytest.raises(ValueError, match="sequence='streambp2' is not a known name"):
         MemKitCLI(args=["--config", str(recipe)], run=False)
+
+
+BAD_VALUES = {  # how a bad MemKitStrategy / model value reaches the CLI -> memkit's own message
+    "override": (["--trainer.strategy.init_args.optimizer=bogus"], "optimizer='bogus' is not a known name. Fix: set"),
+    "yaml": (None, "activations.checkpoint='blockz' is not a known name. Fix: set activations.checkpoint"),
+    "model": (["--model.init_args.model=tinny"], "model.model='tinny' is not a named model shape. Fix: use one of"),
+}
+
+
+def _blockz(tmp_path) -> list[str]:
+    extra = tmp_path / "blockz.yaml"
+    extra.write_text("trainer:\n  strategy:\n    class_path: lightning_memkit.MemKitStrategy\n"
+                     "    init_args:\n      activations: {checkpoint: blockz}\n")
+    return ["--config", str(extra)]
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "plan", "verify"])
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_a_bad_value_in_a_recipe_ends_with_memkits_message_in_a_few_lines(tmp_path, capsys, command, case):
+    args, message = BAD_VALUES[case]
+    args = _blockz(tmp_path) if args is None else args
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--config", RECIPE, *args, *(["--model.init_args.model=tiny"] if case != "model" else [])])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert message in err and len(err.strip().splitlines()) <= 5, err
+    assert "Traceback" not in err and "Union subtypes" not in err and "Expected a <class" not in err
+    assert "--debug or MEMKIT_DEBUG=1 shows the full traceback" in err
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_debug_shows_the_whole_error(monkeypatch, how):
+    args = ["fit", "--config", RECIPE, "--trainer.strategy.init_args.optimizer=bogus"]
+    if how == "flag":
+        args.append("--debug")  # memkit's flag: LightningCLI never sees it
+    else:
+        monkeypatch.setenv("MEMKIT_DEBUG", "1")
+    with pytest.raises(MemKitConfigError, match="optimizer='bogus' is not a known name") as info:
+        main(args)
+    assert "Union subtypes" in str(info.value.__cause__)  # jsonargparse's error is kept as the cause
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--trainer.max_stepz=3"], "unrecognized arguments: --trainer.max_stepz=3"),
+    (["--trainer.max_steps=abc"], "Parser key \"trainer.max_steps\": Expected a <class 'int'>. Got value: abc"),
+    ("yaml", "does not accept option 'trainer.max_stepz'"),
+], ids=["unknown-option", "bad-type", "yaml-typo"])
+def test_plain_jsonargparse_errors_are_short(tmp_path, capsys, args, expected):
+    if args == "yaml":
+        typo = tmp_path / "typo.yaml"
+        typo.write_text("trainer:\n  max_stepz: 3\n")
+        args = ["--config", str(typo)]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", RECIPE, *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert expected in err and len(err.strip().splitlines()) <= 5 and "usage:" not in err, err
+    assert "memkit fit --help lists the accepted options" in err
+
+
+def test_help_lists_memkits_own_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code in (0, None)
+    lines = out.splitlines()
+    for name in ("plan", "verify", "--debug"):
+        assert sum(line.split()[:1] == [name] for line in lines) == 1, out  # one line each
+    assert "{fit,validate,test,predict}" in out  # and LightningCLI's
+
+
+@pytest.mark.slow
+def test_console_script_reports_a_bad_value_in_two_lines(tmp_path):
+    exe = shutil.which("memkit") or os.path.join(os.path.dirname(sys.executable), "memkit")
+    args = [exe, "fit", "--config", RECIPE, "--trainer.strategy.init_args.optimizer=bogus"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) <= 5 and "memkit fit: optimizer='bogus' is not a known name" in proc.stderr, proc.stderr
+    proc = subprocess.run([*args, "--debug"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert "lightning_memkit.config.MemKitConfigError: optimizer='bogus'" in proc.stderr

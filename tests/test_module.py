@@ -45,7 +45,12 @@ def test_vocabulary_mismatch_fails_at_setup(trainer_kwargs, small_corpus_dir):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"learning_rate": "x"}, "model.learning_rate='x'"), ({"learning_rate": 0.0}, "model.learning_rate=0.0"),
-     ({"weight_decay": -1.0}, "model.weight_decay=-1.0"), ({"warmup_steps": 1.5}, "model.warmup_steps=1.5")],
+     ({"weight_decay": -1.0}, "model.weight_decay=-1.0"), ({"warmup_steps": 1.5}, "model.warmup_steps=1.5"),
+     # not finite: NaN passed the old range checks (every comparison with NaN is false)
+     ({"learning_rate": float("nan")}, "model.learning_rate=nan is not a finite number"),
+     ({"weight_decay": float("inf")}, "model.weight_decay=inf is not a finite number"),
+     ({"betas": (0.9, float("nan"))}, r"model.betas\[1\]=nan is not a finite number"),
+     ({"betas": (0.9, 1.0)}, r"model.betas\[1\]=1.0 must be")],
 )
 def test_wrong_types_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):

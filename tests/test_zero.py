@@ -322,6 +322,12 @@ def _runs(devices: int) -> list[dict]:
         for stage, optimizer in MEASURED:
             runs.append(_run(f"measure_{stage}_{optimizer}", {**STAGES[stage], "optimizer": optimizer}, steps=1,
                              precision="bf16-mixed", measure=True))
+        # the zero2 checkpoint above was trained with 8-bit AdamW: from its weights alone with AdamW, then (last) the
+        # same change with an exact resume, refused
+        runs.append(_run("resume_zero2_weights", {**STAGES["zero2"], "optimizer": "adamw", "resume": "weights"},
+                         steps=3, resume="resume_zero2_full", resume_step=2))
+        runs.append(_run("resume_zero2_changed", {**STAGES["zero2"], "optimizer": "adamw"}, steps=4,
+                         resume="resume_zero2_full", resume_step=2, expect_error=True))
     return runs
 
 
@@ -533,6 +539,29 @@ def test_sharded_checkpoints_resume_exactly(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_sharded_checkpoints_record_settings_and_refuse_a_changed_optimizer(tmp_path_factory):
+    """The settings record sits beside the shards and is read before DeepSpeed loads any state: an exact resume
+    with another optimizer is refused before a step; resume="weights" starts fresh from the weights."""
+    from lightning_memkit.resume import ZERO_SETTINGS_FILE
+
+    workdir, results = _fits(2, tmp_path_factory)
+    folder = os.path.join(workdir, "resume_zero2_full", "step=2.ckpt")
+    with open(os.path.join(folder, ZERO_SETTINGS_FILE)) as f:
+        assert json.load(f)["optimizer"]["name"] == "adamw8bit"
+    assert not any(name.endswith((".partial", ".old")) for name in os.listdir(os.path.dirname(folder)))
+    changed = results["resume_zero2_changed"]
+    assert changed["error"].startswith("MemKitConfigError: the checkpoint") and changed["losses"] == []
+    assert "optimizer='adamw8bit'" in changed["error"] and "resume='weights'" in changed["error"]
+    weights = results["resume_zero2_weights"]
+    assert len(weights["losses"]) == 3  # counters fresh: 3 steps from step 0
+    full = results["resume_zero2_full"]["losses"]
+    assert weights["losses"][0] == pytest.approx(full[2], rel=1e-5)  # the step-2 weights were loaded
+    # and DeepSpeed's fp32 master partitions were refreshed from them (else step 1 would undo the load)
+    assert weights["losses"][1] != pytest.approx(full[1], rel=1e-3)
+    assert weights["optimizer_class"] != results["resume_zero2_full"]["optimizer_class"]
+
+
+@pytest.mark.slow
 def test_consolidated_export_loads_without_deepspeed(tmp_path_factory):
     """ZeRO-3 on 2 processes: one file with every weight whole, readable with weights_only=True."""
     workdir, results = _fits(2, tmp_path_factory)
@@ -550,3 +579,38 @@ def test_consolidated_export_loads_without_deepspeed(tmp_path_factory):
     assert all(v.dtype == torch.bfloat16 for v in half["state_dict"].values())
     with pytest.raises(MemKitConfigError, match="not a sharded ZeRO checkpoint"):
         export_consolidated(workdir, os.path.join(workdir, "x.ckpt"))
+
+
+def test_a_sharded_checkpoint_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The shards are written to <path>.partial and the folder takes the checkpoint's name only when complete; a
+    kill between the two renames leaves the previous checkpoint whole as <path>.old, and a resume names it."""
+    from lightning_memkit import zero
+
+    target = tmp_path / "last.ckpt"
+    (target / "checkpoint").mkdir(parents=True)
+    (target / "checkpoint" / "shard").write_text("old")
+    staging = tmp_path / "last.ckpt.partial"
+    (staging / "checkpoint").mkdir(parents=True)
+    (staging / "checkpoint" / "shard").write_text("new")
+    zero._publish_folder(str(staging), str(target))
+    assert (target / "checkpoint" / "shard").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+    (staging / "checkpoint").mkdir(parents=True)
+    (staging / "checkpoint" / "shard").write_text("newer")
+    real_replace, calls = os.replace, []
+
+    def killed_after_first_rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")  # the process dies between moving the old folder and naming the new
+        real_replace(src, dst)
+
+    monkeypatch.setattr(zero.os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        zero._publish_folder(str(staging), str(target))
+    monkeypatch.undo()
+    assert not target.exists() and (tmp_path / "last.ckpt.old" / "checkpoint" / "shard").read_text() == "new"
+    strategy = MemKitStrategy(zero_stage=2)
+    with pytest.raises(MemKitConfigError, match=r"last.ckpt.old' exists: a save was killed .* rename that folder"):
+        strategy.load_checkpoint(str(target))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_memkit.config import ActivationsConfig, MemKitConfigError
+from lightning_memkit.config import ActivationsConfig, MemKitConfigError, check_int
 from lightning_memkit.models.interface import find_blocks
 from lightning_memkit.techniques import ForwardWrapper, Technique, find_forward_wrapper, unwrap_forward, wrap_forward
 
@@ -130,8 +130,7 @@ def apply_checkpointing(blocks: Sequence[nn.Module], every: int = 1, *, selectiv
     Already-checkpointed modules are left as they are. ``selective``: keep matrix-product outputs
     and recompute element-wise ops only; ``offload``: hold each block's input in host memory (CUDA).
     """
-    if every < 1:
-        raise ValueError(f"every={every} must be >= 1")
+    check_int("every", every, minimum=1)  # a MemKitConfigError (ValueError) naming the value and the fix
     changed = []
     for i, block in enumerate(blocks):
         if i % every or is_checkpointed(block):

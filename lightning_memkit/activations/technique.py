@@ -6,6 +6,7 @@ import fnmatch
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_memkit.activations.checkpoint import is_checkpointed
@@ -49,6 +50,7 @@ class SavedTensorsTechnique(Technique):
         self.exact = config.compress == "none"
         self.manager: SavedTensors | None = None
         self._changed: list[nn.Module] = []
+        self._left_to_checkpoint = 0  # chosen modules inside checkpointed blocks (they save nothing to compress)
 
     def describe(self) -> str:
         parts = []
@@ -58,7 +60,9 @@ class SavedTensorsTechnique(Technique):
         if self.config.offload:
             parts.append("offloaded to host memory")
         hooked = sum(1 for m in self._changed if not isinstance(m, nn.Linear))
-        return ", ".join(parts) + f" ({hooked} modules)"
+        left = f"; {self._left_to_checkpoint} inside checkpointed blocks left to the checkpoint" \
+            if self._left_to_checkpoint else ""
+        return ", ".join(parts) + f" ({hooked} modules{left})"
 
     def setup_trainer(self, trainer: Any) -> None:
         from lightning_memkit.activations.saved import check_host_memory, host_memory_available
@@ -68,13 +72,50 @@ class SavedTensorsTechnique(Technique):
 
     def setup_module(self, module: nn.Module) -> None:
         checkpointed = [n for n, m in module.named_modules() if is_checkpointed(m)]
-        chosen = {n: m for n, m in choose_modules(module, self.config.modules).items()
-                  if not any(n == c or n.startswith(c + ".") for c in checkpointed)}  # inside a checkpoint: no
+
+        def inside(name: str) -> bool:  # a checkpointed block saves only its inputs: nothing inside it to compress
+            return any(name == c or name.startswith(c + ".") for c in checkpointed)
+
+        candidates = choose_modules(module, self.config.modules)
+        chosen = {n: m for n, m in candidates.items() if not inside(n)}
+        self._left_to_checkpoint = len(candidates) - len(chosen)
+        if self.config.compress != "none" and checkpointed:
+            self._check_effect(module, chosen, inside)
         if not chosen:
-            return  # every chosen block is checkpointed: the checkpoint technique handles offload of its inputs
+            return  # offload only, every chosen block checkpointed: the checkpoint offloads the blocks' inputs
         self.manager = SavedTensors(self.config.compress, self.config.offload, self.config.scales,
                                     self.config.min_numel, list(module.parameters()), self.config.offload_host_memory)
         self._changed = install(chosen, self.manager, linear_per_group=self.config.compress == "fp8")
+
+    def _check_effect(self, module: nn.Module, chosen: dict[str, nn.Module], inside: Any) -> None:
+        """Refuse compression that would compress nothing (every module it names is inside a checkpointed
+        block); warn once about a pattern of ``activations.modules`` that has no effect while others do.
+
+        Why refuse the first and only warn about the second: with nothing to compress the setting silently
+        does nothing, which ``ActivationsConfig`` already refuses when ``modules`` is unset; a pattern that
+        covers a checkpointed block next to patterns that act is a partial overlap that may be meant (e.g.
+        compress the MLPs of the blocks ``checkpoint_every`` leaves alone), so the run goes on, but it is said.
+        """
+        c = self.config
+        fix = ("Fix: name modules outside the checkpointed blocks in activations.modules, set checkpoint_every >= 2 "
+               "(compress the blocks left unchecked), checkpoint='none', or drop compress"
+               + (" (offload alone moves the checkpointed blocks' inputs to host memory)." if c.offload else "."))
+        if not chosen:
+            raise MemKitConfigError(
+                f"activations.compress={c.compress!r} with checkpoint={c.checkpoint!r}: every module that "
+                f"activations.modules={list(c.modules or ())!r} names lies inside a checkpointed block, which saves "
+                f"no activations (it recomputes them), so nothing would be compressed. {fix}"
+            )
+        if c.modules is None:
+            return  # the blocks: checkpoint_every leaves some unchecked by design (ActivationsConfig checks the rest)
+        names = [n for n, _ in module.named_modules() if n]
+        idle = [p for p in c.modules if all(inside(n) for n in names if fnmatch.fnmatchcase(n, p))]
+        if idle:
+            rank_zero_warn(
+                f"memkit: activations.modules pattern(s) {idle!r} match only modules inside checkpointed blocks "
+                f"(checkpoint={c.checkpoint!r}), which save no activations: compress={c.compress!r} has no effect "
+                f"there (the other patterns are compressed). {fix}"
+            )
 
     def step_context(self) -> Any:
         if self.manager is not None and torch.is_grad_enabled():  # training steps; validation saves nothing

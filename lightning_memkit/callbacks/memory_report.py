@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
+from lightning_memkit.config import MemKitConfigError, check_choice, check_int
 from lightning_memkit.memory import CATEGORIES, MIB, MemoryBreakdown, format_table, make_step_tracker
 
 
@@ -29,15 +30,19 @@ class MemoryReport(Callback):
         print_every: also print the table at every measurement, not only at the end.
         method: ``"auto"``, ``"tracker"`` or ``"allocator"`` (see above).
 
+    Raises:
+        MemKitConfigError: a setting of the wrong type or out of range (a ValueError).
+
     Attributes:
         reports: one :class:`~lightning_memkit.memory.MemoryBreakdown` per measured step.
     """
 
     def __init__(self, every_n_steps: int = 100, print_every: bool = False, method: str = "auto") -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"MemoryReport.every_n_steps={every_n_steps!r} must be an integer >= 1.")
-        if method not in ("auto", "tracker", "allocator"):
-            raise ValueError(f"MemoryReport.method={method!r} is not one of 'auto', 'tracker', 'allocator'.")
+        every_n_steps = check_int("MemoryReport.every_n_steps", every_n_steps, minimum=1)
+        if not isinstance(print_every, bool):
+            raise MemKitConfigError(f"MemoryReport.print_every={print_every!r} has type {type(print_every).__name__}. "
+                                    "Fix: true or false.")
+        check_choice("MemoryReport.method", method, ("auto", "tracker", "allocator"))
         self.method = method
         self.every_n_steps = every_n_steps
         self.print_every = print_every

@@ -17,13 +17,14 @@ import json
 import os
 import sysconfig
 import zlib
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_memkit.config import MemKitConfigError
 from lightning_memkit.data.tokenizers import Tokenizer, load_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".py", ".jsonl", ".md")
@@ -223,11 +224,20 @@ class TextDataModule(pl.LightningDataModule):
                     " + 1. Fix: add text, lower data.seq_len, or change data.val_fraction."
                 )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The training loader: a :class:`ResumableDataLoader` over an :class:`EpochShuffleSampler`.
+
+        With several processes (the trainer's strategy reports ``distributed_sampler_kwargs``) the sampler
+        gives each process its own share of every epoch's permutation, so Lightning leaves it in place
+        (it is a ``DistributedSampler``) and the position a checkpoint records is the same on every rank.
+        """
         assert self.train_set is not None, "call setup() first"
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(self.train_set), self.seed),
-            drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        shard = getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer is not None else None
+        replicas, rank = (shard["num_replicas"], shard["rank"]) if shard else (1, 0)
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed, num_replicas=replicas, rank=rank)
+        return ResumableDataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed),  # workers' base seed; keeps the global RNG untouched
         )
 
@@ -239,26 +249,158 @@ class TextDataModule(pl.LightningDataModule):
         )
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(DistributedSampler):
     """Shuffles like ``DataLoader(shuffle=True, generator=Generator().manual_seed(seed))`` -- epoch e
     gets the (e+1)-th permutation of that generator -- but computes it from the epoch number that
-    Lightning passes to ``set_epoch``, so a run resumed from a checkpoint at an epoch boundary sees
-    the same batches as the uninterrupted run."""
+    Lightning passes to ``set_epoch``, so a resumed run sees the same batches as the uninterrupted run.
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    With ``num_replicas`` processes, process ``rank`` takes every ``num_replicas``-th index of the
+    permutation from its ``rank``-th on (as ``DistributedSampler`` does), the permutation cut to a multiple
+    of ``num_replicas`` so every process gets ``n // num_replicas`` indices: the k-th batches of all
+    processes together hold the same sequences as the k-th batch of one process with a batch
+    ``num_replicas`` times as large. Being a ``DistributedSampler``, Lightning does not wrap or replace it.
+
+    Args:
+        n: the dataset's length.
+        seed: seeds the permutations.
+        num_replicas: how many processes share each epoch.
+        rank: this process's index among them.
+    """
+
+    def __init__(self, n: int, seed: int, *, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.n = n
+        self.num_samples = n // num_replicas
+        self.total_size = self.num_samples * num_replicas
+        #: where in this process's share of the epoch the next pass begins (set by a resume, then back to 0)
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; a pending resume position for another epoch is dropped."""
+        if epoch != self.epoch:
+            self.start = 0
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return self.n
+    def set_position(self, epoch: int, start: int) -> None:
+        """Begin the next pass at index ``start`` of this process's share of epoch ``epoch``."""
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start={start} lies outside this process's {self.num_samples} indices of the epoch.")
+        self.epoch, self.start = epoch, start
 
-    def __iter__(self):  # noqa: ANN204
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The whole epoch's order (all processes' shares), the same on every process."""
         g = torch.Generator().manual_seed(self.seed)
-        for epoch in range(self.epoch + 1):  # per epoch the DataLoader draws its workers' base seed, then
+        for e in range(epoch + 1):  # per epoch the DataLoader draws its workers' base seed, then
             torch.empty((), dtype=torch.int64).random_(generator=g)  # RandomSampler draws a permutation
             perm = torch.randperm(self.n, generator=g)  # and an empty tail (num_samples % n == 0)
-            if epoch < self.epoch:
+            if e < epoch:
                 torch.randperm(self.n, generator=g)
-        return iter(perm.tolist())
+        return perm
+
+    def __iter__(self):  # noqa: ANN204
+        share = self.permutation(self.epoch)[self.rank : self.total_size : self.num_replicas]
+        start, self.start = self.start, 0
+        return iter(share[start:].tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`EpochShuffleSampler` (batches of ``batch_size``, the last partial
+    batch dropped) that saves and restores its place in the epoch through Lightning's stateful-loader
+    protocol: ``state_dict()`` and ``load_state_dict()``.
+
+    Lightning calls ``state_dict()`` when it writes a checkpoint (``FitLoop.on_save_checkpoint``, stored under
+    ``loops.fit_loop.state_dict.combined_loader``) and ``load_state_dict()`` on resume, before it asks the loader
+    for an iterator. The state is the epoch and the number of batches this process has received from the
+    loader in it -- counted as the batches leave the loader, so batches that worker processes have prepared
+    ahead are not counted -- and a resume starts the sampler at that index of the epoch's permutation:
+    the resumed run sees exactly the batches the uninterrupted run would have seen, with any
+    ``num_workers``, and on several processes (the count is the same on every rank).
+
+    The loader creates its underlying iterator at the first ``next()``, not at ``iter()``: Lightning asks
+    for the iterator before it calls ``set_epoch``, and worker processes would otherwise start fetching the
+    previous epoch's indices.
+    """
+
+    #: bumped when the meaning of the state changes
+    STATE_VERSION = 1
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler: EpochShuffleSampler, **kwargs) -> None:
+        if not isinstance(sampler, EpochShuffleSampler):
+            raise TypeError(f"ResumableDataLoader needs an EpochShuffleSampler, got {type(sampler).__name__}.")
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self._pass_epoch: Optional[int] = None  # the epoch of the pass under way (None: none since the last load)
+        self._batches = 0  # batches that pass has handed out, counting from where it began
+
+    def __iter__(self) -> "_CountingPass":
+        return _CountingPass(self)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the loader is: ``epoch`` and the ``batches`` of it handed out, plus what they depend on."""
+        sampler: EpochShuffleSampler = self.sampler
+        if self._pass_epoch is not None and self._pass_epoch == sampler.epoch:
+            epoch, batches = self._pass_epoch, self._batches
+        else:  # no pass of this epoch has started: the next one begins at the sampler's (resumed) position
+            epoch, batches = sampler.epoch, sampler.start // self.batch_size
+        return {"version": self.STATE_VERSION, "epoch": epoch, "batches": batches, "batch_size": self.batch_size,
+                "num_replicas": sampler.num_replicas, "samples": sampler.n, "seed": sampler.seed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue from a :meth:`state_dict`: the next pass starts after the batches it counted.
+
+        Raises:
+            MemKitConfigError: the checkpoint's loader state belongs to other data, batch size, seed or number
+                of processes, where its position means other sequences.
+        """
+        sampler: EpochShuffleSampler = self.sampler
+        now = {"batch_size": self.batch_size, "num_replicas": sampler.num_replicas, "samples": sampler.n,
+               "seed": sampler.seed}
+        names = {"batch_size": "data.batch_size", "num_replicas": "the number of processes",
+                 "samples": "the number of training sequences (data.paths, seq_len, max_tokens, val_fraction, "
+                            "tokenizer)", "seed": "data.seed"}
+        if state_dict.get("version") != self.STATE_VERSION:
+            raise MemKitConfigError(
+                f"The checkpoint's training-loader state has version {state_dict.get('version')!r}; this "
+                f"lightning_memkit reads version {self.STATE_VERSION}. Fix: resume with the lightning_memkit "
+                "version that wrote the checkpoint."
+            )
+        for key, value in now.items():
+            if state_dict.get(key) != value:
+                raise MemKitConfigError(
+                    f"{names[key]}: the checkpoint was written with {key}={state_dict.get(key)!r}, this run has "
+                    f"{key}={value!r}, so the checkpoint's place in the epoch ({state_dict.get('batches')} batches "
+                    f"into epoch {state_dict.get('epoch')}) would name other sequences. Fix: resume with the "
+                    "checkpoint's data settings and number of processes, or start a new run from its weights "
+                    "(MemKitStrategy(resume=\"weights\"))."
+                )
+        epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
+        if batches >= len(self):  # the epoch was used up: the next pass is the next epoch's
+            epoch, batches = epoch + 1, 0
+        sampler.set_position(epoch, batches * self.batch_size)
+        self._pass_epoch, self._batches = None, 0
+
+
+class _CountingPass:
+    """One pass over a :class:`ResumableDataLoader`: counts the batches it hands out."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader = loader
+        self.iterator: Optional[Any] = None
+
+    def __iter__(self) -> "_CountingPass":
+        return self
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __next__(self) -> Any:
+        loader = self.loader
+        if self.iterator is None:
+            sampler: EpochShuffleSampler = loader.sampler
+            loader._pass_epoch, loader._batches = sampler.epoch, sampler.start // loader.batch_size
+            self.iterator = DataLoader.__iter__(loader)
+        batch = next(self.iterator)
+        loader._batches += 1
+        return batch

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_memkit.config import CrossEntropyConfig
+from lightning_memkit.config import CrossEntropyConfig, MemKitConfigError
 from lightning_memkit.loss.toggle import (
     fused_call_count,
     is_fusable_hf_causal_lm,
@@ -46,6 +48,29 @@ class FusedCrossEntropyTechnique(Technique):
         if not self._warned:
             self._warned = True
             rank_zero_warn(message)
+
+    def setup_trainer(self, trainer: Any) -> None:
+        """Refuse ``impl="triton"`` where it cannot run, at setup rather than in the first step: it needs the
+        model on a CUDA device (or ``TRITON_INTERPRET=1``, Triton's CPU interpreter, for tests) and an
+        importable Triton. ``impl="auto"`` with ``filter_eps`` picks Triton on CUDA, so it needs Triton there."""
+        c = self.config
+        device = trainer.strategy.root_device
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if not c.fused or not (c.impl == "triton" or (c.impl == "auto" and c.filter_eps is not None
+                                                      and device.type == "cuda")):
+            return
+        if c.impl == "triton" and device.type != "cuda" and not interpret:
+            raise MemKitConfigError(
+                f"cross_entropy.impl='triton' runs Triton kernels on CUDA, but the model is on {device} (the Trainer's "
+                "accelerator). Fix: cross_entropy.impl='chunked' (or 'auto'), or train on a CUDA device "
+                "(Trainer(accelerator='gpu'))."
+            )
+        from lightning_memkit._imports import MissingBackendError, require
+
+        try:
+            require("lightning_memkit.kernels.linear_cross_entropy", feature=f"cross_entropy.impl={c.impl!r}")
+        except MissingBackendError as err:
+            raise MemKitConfigError(f"{err}, or set cross_entropy.impl='chunked'.") from err
 
     def setup_module(self, module: nn.Module) -> None:
         self._warned = self._checked = False

@@ -25,19 +25,27 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
+from lightning_memkit.config import check_int, check_number
 from lightning_memkit.optim.base import MemKitOptimizer
-from lightning_memkit.optim.projectors import RandomProjector, projection_seed
+from lightning_memkit.optim.projectors import (
+    DefaultRank,
+    LowRankSettings,
+    RandomProjector,
+    check_rank_and_gap,
+    projection_seed,
+    weight_rank,
+)
 
 SCALE_TYPES = ("channel", "tensor")
 
 
-class Apollo(MemKitOptimizer):
+class Apollo(LowRankSettings, MemKitOptimizer):
     """APOLLO (defaults from the paper: rank 256, channel-wise, refresh every 200 steps, scale 1).
 
     Args:
         params, lr, betas, eps, weight_decay, lowrank_params, names: see
             :class:`~lightning_memkit.optim.base.MemKitOptimizer`.
-        rank: dimension of the random subspace.
+        rank: dimension of the random subspace. Left at its default, each weight uses min(256, m, n).
         update_gap: steps between new random bases.
         scale: the update is multiplied by √scale.
         scale_type: ``"channel"`` or ``"tensor"``.
@@ -48,12 +56,17 @@ class Apollo(MemKitOptimizer):
     name = "apollo"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, *, rank: int = 256, update_gap: int = 200,
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, rank: int = DefaultRank(256), update_gap: int = 200,
                  scale: float = 1.0, scale_type: str = "channel", norm_growth_limit: Optional[float] = 1.01,
                  seed: int = 0, lowrank_params: Optional[Iterable[Tensor]] = None,
                  names: Optional[dict[Tensor, str]] = None) -> None:
         if scale_type not in SCALE_TYPES:
             raise ValueError(f"scale_type={scale_type!r} is not one of {SCALE_TYPES}.")
+        rank, self._rank_is_default = check_rank_and_gap(rank, update_gap)
+        scale = check_number("scale", scale, minimum=0, min_exclusive=True)
+        seed = check_int("seed", seed, minimum=0)
+        if norm_growth_limit is not None:
+            norm_growth_limit = check_number("norm_growth_limit", norm_growth_limit, minimum=0)
         if norm_growth_limit is not None and norm_growth_limit != 0 and not norm_growth_limit >= 1:
             raise ValueError(f"norm_growth_limit={norm_growth_limit!r} must be >= 1 (or None to turn the limiter off).")
         super().__init__(params, lr, betas, eps, weight_decay, lowrank_params=lowrank_params, names=names,
@@ -65,8 +78,8 @@ class Apollo(MemKitOptimizer):
         if proj is None or proj.state is not self.state[p].get("projector"):
             group = self.group_of(p)
             seed = projection_seed(group["seed"], self._index[p], 0)
-            proj = RandomProjector(self.state[p].setdefault("projector", {}), tuple(p.shape), group["rank"],
-                                   group["update_gap"], seed)
+            proj = RandomProjector(self.state[p].setdefault("projector", {}), tuple(p.shape),
+                                   weight_rank(group, tuple(p.shape)), group["update_gap"], seed)
             self._projectors[p] = proj
         return proj
 
@@ -114,6 +127,6 @@ class ApolloMini(Apollo):
     name = "apollo_mini"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, *, rank: int = 1, scale: float = 128.0,
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, rank: int = DefaultRank(1), scale: float = 128.0,
                  scale_type: str = "tensor", **kwargs: Any) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, rank=rank, scale=scale, scale_type=scale_type, **kwargs)

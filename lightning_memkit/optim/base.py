@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar, Iterable, Optional
 import torch
 from torch import Tensor
 
+from lightning_memkit.config import MemKitConfigError, check_number
 from lightning_memkit.optim.eight_bit import BLOCKSIZE, dequantize_state, quantize_state, quantized_bytes
 from lightning_memkit.optim.projectors import check_rank
 
@@ -60,12 +61,14 @@ class MemKitOptimizer(torch.optim.Optimizer):
         eight_bit: bool = False,
         **technique_defaults: Any,
     ) -> None:
-        if not lr >= 0:
-            raise ValueError(f"lr={lr!r} must be >= 0.")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"betas={betas!r} must each lie in [0, 1).")
-        if not eps >= 0:
-            raise ValueError(f"eps={eps!r} must be >= 0.")
+        if not isinstance(lr, Tensor):  # torch optimizers take a tensor lr (e.g. for torch.compile)
+            check_number("lr", lr, minimum=0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise MemKitConfigError(f"betas={betas!r} must be two numbers in [0, 1). Fix: e.g. betas=(0.9, 0.999).")
+        for i, beta in enumerate(betas):
+            check_number(f"betas[{i}]", beta, minimum=0.0, maximum=1.0, max_exclusive=True)
+        check_number("eps", eps, minimum=0.0)
+        check_number("weight_decay", weight_decay, minimum=0.0)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lowrank=True,
                         **technique_defaults)
         self.eight_bit = eight_bit
@@ -265,10 +268,27 @@ class MemKitOptimizer(torch.optim.Optimizer):
         return total
 
     # ----- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's, plus ``"memkit"``: which optimizer wrote it (checked by :meth:`load_state_dict`)."""
+        state_dict = super().state_dict()
+        state_dict[_STATE_KEY] = self._identity()
+        return state_dict
+
+    def _identity(self) -> dict[str, Any]:
+        return {"optimizer": type(self).__name__, "eight_bit": bool(self.eight_bit)}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but every state tensor keeps its saved dtype (torch would cast fp32 moments and
-        uint8 codes to the parameter's dtype); tensors move to the parameter's device."""
+        uint8 codes to the parameter's dtype); tensors move to the parameter's device.
+
+        Raises:
+            ValueError: the state was written by another optimizer (another class, 8-bit or fp32 moments,
+                or other values of the settings that shape the state, such as ``rank``); torch's own
+                load would take it and fail, or silently keep the old settings, at a later step.
+        """
+        self._check_loadable(state_dict)
         saved_state = state_dict["state"]
+        state_dict = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -278,6 +298,36 @@ class MemKitOptimizer(torch.optim.Optimizer):
             self.state[p] = _to_device(value, p.device)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}  # torch made new group dicts
         self._projectors.clear()
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        mine = self._identity()
+        saved = state_dict.get(_STATE_KEY)
+        if saved is not None and saved != mine:
+            raise ValueError(
+                f"this optimizer state was written by {saved['optimizer']} (8-bit moments: {saved['eight_bit']}), not "
+                f"by {mine['optimizer']} (8-bit moments: {mine['eight_bit']}): its state cannot drive this optimizer."
+            )
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"this optimizer state has {len(groups) if isinstance(groups, list) else 'no'} param "
+                             f"groups, the optimizer {len(self.param_groups)}.")
+        shaping = sorted(set(self.defaults) - _ADAMW_GROUP_KEYS)  # the technique's own settings, e.g. rank
+        if shaping and not any(k in group for group in groups for k in shaping):
+            raise ValueError(f"this optimizer state has none of {type(self).__name__}'s settings ({', '.join(shaping)}):"
+                             " another optimizer wrote it.")
+        for i, (old, new) in enumerate(zip(groups, self.param_groups)):
+            differ = [f"{k}: saved {old.get(k, '(absent)')!r}, now {new[k]!r}" for k in shaping if old.get(k) != new[k]]
+            if differ:
+                raise ValueError(
+                    f"this optimizer state was written with other {type(self).__name__} settings (param group {i}: "
+                    f"{'; '.join(differ)}). Loading it would keep the saved settings and ignore the new ones."
+                )
+
+
+#: the key of a memkit optimizer's state dict naming the optimizer that wrote it
+_STATE_KEY = "memkit"
+#: group keys every memkit optimizer has (the rest are the technique's settings, which shape its state)
+_ADAMW_GROUP_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "lowrank", "initial_lr"})
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_memkit.config import MemKitConfigError, OptimizerConfig
+from lightning_memkit.config import MemKitConfigError, OptimizerConfig, check_number
 from lightning_memkit.optim import OPTIMIZER_CLASSES
 from lightning_memkit.optim.eight_bit import BNB_OPTIMIZERS, bnb_optimizer
 
@@ -54,11 +54,26 @@ def read_optimizer(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any
             )
         if isinstance(group["lr"], Tensor) or isinstance(group["betas"][0], Tensor):
             raise MemKitConfigError(f"{where}: tensor learning rates / betas are not supported. Fix: use floats.")
+        _check_group_numbers(where, group)
         for key in _TORCH_ONLY_KEYS:  # in place: the new optimizer takes over these very group dicts, so every
             group.pop(key, None)       # scheduler (SequentialLR's children too) keeps driving its learning rate
         groups.append(group)
     defaults = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
     return groups, defaults
+
+
+def _check_group_numbers(where: str, group: dict[str, Any]) -> None:
+    """Refuse a learning rate, betas, eps or weight decay that is NaN, infinite or out of range (torch's
+    AdamW refuses NaN but takes an infinite lr, eps or weight decay, which turn the weights into NaN)."""
+    fix = "set it to {what} where configure_optimizers builds the optimizer."
+    for key in ("lr", "eps", "weight_decay"):
+        check_number(f"{where}: {key}", group[key], minimum=0, fix=fix.format(what="a finite number >= 0"))
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise MemKitConfigError(f"{where}: betas={betas!r} must be two numbers. Fix: e.g. betas=(0.9, 0.999).")
+    for i, beta in enumerate(betas):
+        check_number(f"{where}: betas[{i}]", beta, minimum=0, maximum=1, max_exclusive=True,
+                     fix=fix.format(what="a number in [0, 1), e.g. betas=(0.9, 0.999),"))
 
 
 def linear_weights_in_blocks(module: nn.Module) -> dict[str, nn.Module]:

@@ -20,20 +20,29 @@ from typing import Any, Iterable, Optional
 
 from torch import Tensor
 
+from lightning_memkit.config import check_int, check_number
 from lightning_memkit.optim.base import MemKitOptimizer
-from lightning_memkit.optim.projectors import RandomProjector, SVDProjector, projection_seed
+from lightning_memkit.optim.projectors import (
+    DefaultRank,
+    LowRankSettings,
+    RandomProjector,
+    SVDProjector,
+    check_rank_and_gap,
+    projection_seed,
+    weight_rank,
+)
 
 PROJECTIONS = ("svd", "random")
 STATE_FREE = ("signsgd", "sgd")
 
 
-class Frugal(MemKitOptimizer):
+class Frugal(LowRankSettings, MemKitOptimizer):
     """FRUGAL with Adam in the state-full subspace.
 
     Args:
         params, lr, betas, eps, weight_decay, lowrank_params, names, eight_bit: see
             :class:`~lightning_memkit.optim.base.MemKitOptimizer`.
-        rank: dimension of the state-full subspace.
+        rank: dimension of the state-full subspace. Left at its default, each weight uses min(128, m, n).
         update_gap: steps between new bases.
         proj: ``"svd"`` or ``"random"``.
         state_free: ``"signsgd"`` or ``"sgd"``.
@@ -45,7 +54,7 @@ class Frugal(MemKitOptimizer):
     name = "frugal"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, *, rank: int = 128, update_gap: int = 200,
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, rank: int = DefaultRank(128), update_gap: int = 200,
                  proj: str = "svd", state_free: str = "signsgd", free_lr_scale: float = 1.0,
                  reset_on_refresh: bool = True, seed: int = 0, lowrank_params: Optional[Iterable[Tensor]] = None,
                  names: Optional[dict[Tensor, str]] = None, eight_bit: bool = False) -> None:
@@ -53,8 +62,9 @@ class Frugal(MemKitOptimizer):
             raise ValueError(f"proj={proj!r} is not one of {PROJECTIONS}.")
         if state_free not in STATE_FREE:
             raise ValueError(f"state_free={state_free!r} is not one of {STATE_FREE}.")
-        if not free_lr_scale >= 0:
-            raise ValueError(f"free_lr_scale={free_lr_scale!r} must be >= 0.")
+        rank, self._rank_is_default = check_rank_and_gap(rank, update_gap)
+        free_lr_scale = check_number("free_lr_scale", free_lr_scale, minimum=0)
+        seed = check_int("seed", seed, minimum=0)
         super().__init__(params, lr, betas, eps, weight_decay, lowrank_params=lowrank_params, names=names,
                          eight_bit=eight_bit, rank=rank, update_gap=update_gap, proj=proj, state_free=state_free,
                          free_lr_scale=free_lr_scale, reset_on_refresh=reset_on_refresh, seed=seed)
@@ -62,13 +72,14 @@ class Frugal(MemKitOptimizer):
     def projector(self, p: Tensor) -> SVDProjector | RandomProjector:
         group = self.group_of(p)
         state = self.state[p].setdefault("projector", {})
+        rank = weight_rank(group, tuple(p.shape))
         if group["proj"] == "svd":
-            return SVDProjector(state, tuple(p.shape), group["rank"], group["update_gap"])
+            return SVDProjector(state, tuple(p.shape), rank, group["update_gap"])
         if group["proj"] == "random":
             proj = self._projectors.get(p)
             if proj is None or proj.state is not state:
                 seed = projection_seed(group["seed"], self._index[p], 0)
-                proj = RandomProjector(state, tuple(p.shape), group["rank"], group["update_gap"], seed, orthonormal=True)
+                proj = RandomProjector(state, tuple(p.shape), rank, group["update_gap"], seed, orthonormal=True)
                 self._projectors[p] = proj
             return proj
         raise ValueError(f"proj={group['proj']!r} is not one of {PROJECTIONS}.")

@@ -16,17 +16,25 @@ from typing import Any, Iterable, Optional
 
 from torch import Tensor
 
+from lightning_memkit.config import check_number
 from lightning_memkit.optim.base import MemKitOptimizer
-from lightning_memkit.optim.projectors import SVDProjector
+from lightning_memkit.optim.projectors import (
+    DefaultRank,
+    LowRankSettings,
+    SVDProjector,
+    check_rank_and_gap,
+    weight_rank,
+)
 
 
-class GaLoreAdamW(MemKitOptimizer):
+class GaLoreAdamW(LowRankSettings, MemKitOptimizer):
     """GaLore with AdamW (defaults from the paper: rank 128, refresh every 200 steps, scale 0.25).
 
     Args:
         params, lr, betas, eps, weight_decay, lowrank_params, names, eight_bit: see
             :class:`~lightning_memkit.optim.base.MemKitOptimizer`.
-        rank: dimension of the subspace (1 <= rank <= min(m, n) for every low-rank weight).
+        rank: dimension of the subspace (1 <= rank <= min(m, n) for every low-rank weight). Left at its
+            default, each weight uses min(128, m, n).
         update_gap: steps between SVD refreshes of the basis.
         scale: α, the factor of the projected-back update.
     """
@@ -35,15 +43,18 @@ class GaLoreAdamW(MemKitOptimizer):
     accumulates_projected = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, *, rank: int = 128, update_gap: int = 200,
-                 scale: float = 0.25, lowrank_params: Optional[Iterable[Tensor]] = None,
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, rank: int = DefaultRank(128),
+                 update_gap: int = 200, scale: float = 0.25, lowrank_params: Optional[Iterable[Tensor]] = None,
                  names: Optional[dict[Tensor, str]] = None, eight_bit: bool = False) -> None:
+        rank, self._rank_is_default = check_rank_and_gap(rank, update_gap)
+        scale = check_number("scale", scale, minimum=0, min_exclusive=True)
         super().__init__(params, lr, betas, eps, weight_decay, lowrank_params=lowrank_params, names=names,
                          eight_bit=eight_bit, rank=rank, update_gap=update_gap, scale=scale)
 
     def projector(self, p: Tensor) -> SVDProjector:
         group = self.group_of(p)
-        return SVDProjector(self.state[p].setdefault("projector", {}), tuple(p.shape), group["rank"],
+        shape = tuple(p.shape)
+        return SVDProjector(self.state[p].setdefault("projector", {}), shape, weight_rank(group, shape),
                             group["update_gap"])
 
     def project_grad(self, p: Tensor, grad: Tensor) -> Tensor:

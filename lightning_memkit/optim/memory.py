@@ -65,9 +65,10 @@ def predict_state_bytes(params: Iterable[tuple[str, tuple[int, ...], torch.dtype
                 total += 2 * numel * torch.empty((), dtype=dtype).element_size()
             continue
         m, n = shape
-        total += moment_bytes(rank * max(m, n), eight_bit)
+        r = rank if config.rank is not None else min(rank, m, n)  # an unset rank is lowered to fit each weight
+        total += moment_bytes(r * max(m, n), eight_bit)
         if name.startswith("galore") or (name == "frugal" and (config.proj or _default("frugal", "proj")) == "svd"):
-            total += rank * min(m, n) * 4
+            total += r * min(m, n) * 4
         if name.startswith("apollo"):
             limiter = config.norm_growth_limit if config.norm_growth_limit is not None else _default(name, "norm_growth_limit")
             total += 4 if limiter else 0

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_memkit._tensors import is_symbolic
+from lightning_memkit.config import check_int
 
 SIDES = ("left", "right")
 
@@ -47,6 +48,54 @@ def check_rank(name: str, shape: tuple[int, ...], rank: int) -> None:
             f"min(m, n) = {min(shape)}). Fix: lower rank to at most {min(shape)}, or leave this weight out of the "
             "low-rank patterns."
         )
+
+
+class DefaultRank(int):
+    """The rank an optimizer takes when the caller gives none (the paper's value, e.g. GaLore's 128).
+
+    It is an ``int`` and prints as the number; the optimizer stores a plain ``int`` in its param
+    groups with ``rank_is_default=True``, and each weight then uses ``min(rank, m, n)``: a default
+    must work on a small model. A rank the caller gives (to the optimizer or in a param group) is used
+    as given, and one that does not fit a weight is refused (:func:`check_rank`). ``rank_is_default``
+    is not one of the optimizer's ``defaults``: a state dict saved without it loads as an explicit rank.
+    """
+
+
+def weight_rank(group: dict[str, Any], shape: tuple[int, ...]) -> int:
+    """The rank a low-rank weight of ``shape`` uses under ``group``'s settings: ``group["rank"]``, or
+    ``min(rank, m, n)`` when the rank is the optimizer's default (``group["rank_is_default"]``)."""
+    rank = group["rank"]
+    if group.get("rank_is_default") and len(shape) == 2:
+        return max(1, min(rank, *shape))
+    return rank
+
+
+class LowRankSettings:
+    """Mixin of the low-rank optimizers (GaLore, APOLLO, FRUGAL): the default rank is lowered per weight
+    (:func:`weight_rank`), and :meth:`_check_lowrank` checks the rank each weight will use. The
+    optimizer sets ``_rank_is_default`` before ``MemKitOptimizer.__init__`` adds the groups."""
+
+    _rank_is_default: bool = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "rank_is_default" not in param_group:  # a group's own rank is explicit
+            param_group["rank_is_default"] = "rank" not in param_group and self._rank_is_default
+        super().add_param_group(param_group)  # type: ignore[misc]
+
+    def _check_lowrank(self, p: Tensor, group: dict[str, Any]) -> None:
+        super()._check_lowrank(p, {**group, "rank": weight_rank(group, tuple(p.shape))})  # type: ignore[misc]
+
+
+def check_rank_and_gap(rank: Any, update_gap: Any) -> tuple[int, bool]:
+    """Validate a low-rank optimizer's ``rank`` and ``update_gap`` (integers >= 1); returns
+    ``(rank, rank is the optimizer's default)``.
+
+    Raises:
+        MemKitConfigError: either is not an integer >= 1 (a ValueError).
+    """
+    is_default = isinstance(rank, DefaultRank)
+    check_int("update_gap", update_gap, minimum=1)
+    return check_int("rank", rank, minimum=1), is_default
 
 
 class _Projector:

@@ -10,6 +10,9 @@ from torch import Tensor, nn
 from lightning_memkit.config import MemKitConfigError, OptimizerConfig
 from lightning_memkit.techniques import Technique
 
+#: optimizers that keep 8-bit states through bitsandbytes
+EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "galore_adamw8bit")
+
 
 class OptimizerTechnique(Technique):
     """Installed by ``MemKitStrategy(optimizer=...)``.
@@ -28,12 +31,36 @@ class OptimizerTechnique(Technique):
         self._lowrank: dict[Tensor, str] = {}
         self._names: dict[Tensor, str] = {}
         self._wrapped: list[Any] = []
+        self._lowered: list[int] = []  # the ranks the default was lowered to, one per narrower weight
 
     def describe(self) -> str:
         extra = f", {len(self._lowrank)} low-rank weights" if self._lowrank else ""
+        if self._lowered:
+            extra += (f" (default rank {self.default_rank()} lowered to min(m, n) on {len(self._lowered)} narrower "
+                      f"weights, down to {min(self._lowered)})")
         return f"optimizer {self.config.name}{extra}" + (" (step in backward)" if self.config.in_backward else "")
 
+    def default_rank(self) -> int:
+        """The optimizer class's own default rank (used when ``optimizer.rank`` is unset)."""
+        import inspect
+
+        from lightning_memkit.optim import OPTIMIZER_CLASSES
+
+        for cls in OPTIMIZER_CLASSES[self.config.name].__mro__:  # APOLLO-Mini sets only what differs from APOLLO
+            param = inspect.signature(cls.__init__).parameters.get("rank") if "__init__" in vars(cls) else None
+            if param is not None:
+                return int(param.default)
+        raise MemKitConfigError(f"optimizer {self.config.name!r} has no rank setting.")
+
     def setup_trainer(self, trainer: Any) -> None:
+        if self.config.name in EIGHT_BIT_OPTIMIZERS:  # fail at setup, not in the first step's 8-bit quantization
+            from lightning_memkit._imports import MissingBackendError, require
+
+            try:
+                require("bitsandbytes", feature=f"optimizer={self.config.name!r} (8-bit optimizer states)")
+            except MissingBackendError as err:
+                raise MemKitConfigError(f"{err}, or choose an optimizer without 8-bit states (e.g. "
+                                        f"{self.config.name.replace('8bit', '').replace('paged_', '')!r}).") from err
         if not self.config.in_backward:
             return
         from lightning_memkit.optim import OPTIMIZER_CLASSES
@@ -60,6 +87,9 @@ class OptimizerTechnique(Technique):
         self._names = {p: n for n, p in module.named_parameters()}
         if self.config.name not in ("adamw", "adamw8bit", "paged_adamw8bit"):
             self._lowrank = select_lowrank(module, self.config.target_modules)
+            if self.config.rank is None:  # the default rank is lowered to fit each narrower weight (see DefaultRank)
+                default = self.default_rank()
+                self._lowered = [min(p.shape) for p in self._lowrank if p.ndim == 2 and min(p.shape) < default]
 
     def setup_optimizers(self, optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
         from lightning_memkit.optim.convert import convert_optimizer

@@ -9,6 +9,7 @@ the real tensors are put back. Every process uses the smallest budget of all, so
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from lightning_memkit.config import MemKitConfigError
 from lightning_memkit.planner.plans import Row, Setting, check_weights_fit, choose, parse_budget
+from lightning_memkit.planner.step import STAND_IN_NOTE
 
 
 def _fake_tensors_left(module: nn.Module) -> list[str]:
@@ -30,19 +32,49 @@ def _fake_tensors_left(module: nn.Module) -> list[str]:
     return left
 
 
+_SCALARS = (int, float, complex, bool, str, type(None))
+_CONTAINERS = (list, dict, set)
+
+
+def _plain_values(m: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """``m``'s public attributes that hold plain values (numbers, strings, lists, dicts, sets): (object, copy)."""
+    return {k: (v, copy.copy(v)) for k, v in vars(m).items()
+            if not k.startswith("_") and type(v) in _SCALARS + _CONTAINERS}
+
+
+def _restore_plain_values(m: nn.Module, before: dict[str, tuple[Any, Any]]) -> None:
+    """Undo what the planned steps did to ``m``'s plain attributes: each gets its old object back, containers
+    with their old contents (in place: other references see it too), and new plain attributes are removed."""
+    for k, v in list(vars(m).items()):
+        if not k.startswith("_") and type(v) in _SCALARS + _CONTAINERS and k not in before:
+            del m.__dict__[k]
+    for k, (obj, contents) in before.items():
+        if isinstance(obj, list):
+            obj[:] = contents
+        elif isinstance(obj, (dict, set)):
+            obj.clear()
+            obj.update(contents)
+        m.__dict__[k] = obj
+
+
 @contextlib.contextmanager
 def fake_weights(module: nn.Module, fake_mode: Any, dtype: Optional[torch.dtype], device: Any) -> Iterator[None]:
     """Swap ``module``'s parameters and buffers for fake ones on ``device`` (floating ones in ``dtype``), then
-    back. Tensor attributes the step assigns are restored too; a fake tensor left anywhere is an error."""
+    back. Tensor attributes the step assigns are restored too, and so are plain ones (numbers, strings, lists,
+    dicts, sets: a ``self.losses.append(loss.item())`` in training_step records the planner's stand-in value
+    otherwise); a fake tensor left anywhere is an error."""
     from lightning_memkit.planner.load import swap_to_fake
 
     attributes = {id(m): {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)} for m in module.modules()}
     names = {id(m): (set(m._parameters), set(m._buffers)) for m in module.modules()}
+    values = {id(m): _plain_values(m) for m in module.modules()}
     saved: list[tuple[dict, str, Any]] = []
     try:
         swap_to_fake(module, fake_mode, device, dtype, saved=saved)
         yield
     finally:
+        for m in module.modules():  # what training_step recorded (self.losses.append(loss.item()): a stand-in)
+            _restore_plain_values(m, values.get(id(m), {}))
         for store, name, t in saved:
             store[name] = t
         for m in module.modules():  # what the planned steps assigned or registered
@@ -113,4 +145,10 @@ def choose_for_module(module: Any, trainer: Any, budget: Any, *, base: Setting, 
         with fake_mode:
             row, rows = choose(runner, base, limit, free=free, allow_approximate=allow_approximate, world_size=world,
                                seq_len=seq_len)
+    notes = [n for r in rows if r.result is not None for n in r.result.notes]
+    caveat = next((n for n in notes if n.startswith(STAND_IN_NOTE)), None)
+    if caveat is not None:  # once, not once per candidate
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"memkit memory_budget: {caveat}.")
     return row, rows, limit, how

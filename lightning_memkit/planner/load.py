@@ -54,14 +54,21 @@ def weight_dtype(precision: Any, zero_stage: int = 0) -> Optional[torch.dtype]:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+    """The first line of ``err``'s message, without jsonargparse's Union machinery."""
+    from lightning_memkit.cli import short_message
+
+    text = short_message(err, max_lines=1).strip().splitlines()
     return text[0] if text else type(err).__name__
 
 
-def _failing_part(model_config: Any, err: BaseException) -> Optional[str]:
+# errors a constructor raises about its arguments (a value in the recipe), as opposed to the meta device
+_ARGUMENT_ERRORS = (ValueError, TypeError, KeyError, LookupError)
+
+
+def _failing_part(model_config: Any, err: BaseException) -> Optional[tuple[str, BaseException]]:
     """The innermost module being built (``__init__`` of an ``nn.Module``) when the model's construction
-    fails. jsonargparse wraps the error without its traceback, so the model class is built once more
-    here (in the same device/dtype context) to find it."""
+    fails, and the exception it raised. jsonargparse wraps the error without its traceback (and often its
+    message in Union machinery), so the model class is built once more here (same device/dtype context)."""
     import importlib
 
     failure: Optional[BaseException] = None
@@ -75,7 +82,7 @@ def _failing_part(model_config: Any, err: BaseException) -> Optional[str]:
         failure = again
     if failure is None:
         return None
-    return _innermost_module(failure) or f"{model_config.class_path} (outside any nn.Module.__init__)"
+    return _innermost_module(failure) or f"{model_config.class_path} (outside any nn.Module.__init__)", failure
 
 
 def _innermost_module(err: BaseException) -> Optional[str]:
@@ -157,16 +164,23 @@ def load(config: Union[str, Sequence[str]], overrides: Sequence[str] = (), *, fa
                 except MemKitConfigError:
                     raise
                 except Exception as err:
-                    part = _failing_part(self.config.get("model"), err)
-                    if part is None:  # the model builds: something else in the recipe failed
-                        raise MemKitConfigError(f"the recipe's objects cannot be built: {err}") from err
+                    found = _failing_part(self.config.get("model"), err)
+                    if found is None:  # the model builds: something else in the recipe failed
+                        raise MemKitConfigError(f"the recipe's objects cannot be built: {_first_line(err)}") from err
+                    part, failure = found
+                    if isinstance(failure, MemKitConfigError):
+                        raise failure from err
+                    if isinstance(failure, _ARGUMENT_ERRORS) and "meta" not in str(failure):
+                        # a bad value in the recipe: the constructor's own message says what and how to fix it
+                        raise MemKitConfigError(f"the recipe's model cannot be built: {part} failed with "
+                                                f"{type(failure).__name__}: {_first_line(failure)}") from failure
                     where = "the meta device" if fake_mode is not None else "the CPU"
                     raise ModelBuildError(
                         f"the recipe's model cannot be built on {where}: {part} "
-                        f"failed with {type(err).__name__}: {_first_line(err)}. Fix: build that part from shapes only "
-                        "(no file reads, no .item()/.tolist()/.numpy() on tensors in __init__), or load weights in a "
-                        "hook such as setup() instead of __init__."
-                    ) from err
+                        f"failed with {type(failure).__name__}: {_first_line(failure)}. Fix: build that part from "
+                        "shapes only (no file reads, no .item()/.tolist()/.numpy() on tensors in __init__), or load "
+                        "weights in a hook such as setup() instead of __init__."
+                    ) from failure
                 if is_overridden("configure_model", self.model, pl.LightningModule):
                     try:  # Lightning builds such models before the strategy's setup; so does the planner
                         self.model.configure_model()
@@ -186,13 +200,11 @@ def load(config: Union[str, Sequence[str]], overrides: Sequence[str] = (), *, fa
             cli = _Loader(args=args, run=False, parser_kwargs={"exit_on_error": False})
     except SystemExit as err:  # jsonargparse reports parse errors by exiting
         raise MemKitConfigError(f"the recipe {configs} does not parse (see the message above): exit {err.code}") from err
-    except ModelBuildError:
-        raise
     except MemKitConfigError:
         raise
     except Exception as err:
         if type(err).__name__ in ("ArgumentError", "NSKeyError", "ParserError"):
-            raise MemKitConfigError(f"the recipe {configs} does not parse: {err}") from err
+            raise MemKitConfigError(f"the recipe {configs} does not parse: {_first_line(err)}") from err
         raise
     module, trainer, datamodule = cli.model, cli.trainer, cli.datamodule
     module.trainer = trainer

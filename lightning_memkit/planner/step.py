@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -168,6 +170,97 @@ class _RunningModule:
         return self.stack[-1] if self.stack else (self.last or "the step outside any module's forward")
 
 
+#: The value a read of a fake tensor's value gets in a planned step (``.item()``, ``.tolist()``, ``if t:``,
+#: ``float(t)``, ``f"{t:.3f}"``): fake tensors have no values and a memory plan needs none. 1 (``True``, ``1``,
+#: ``1.0`` by dtype) divides, takes logarithms and sizes loops without failing; branches on it are not planned.
+STAND_IN = 1
+#: how the caveat of a step that read values starts (see :meth:`StandInValues.note`)
+STAND_IN_NOTE = "this module reads tensor values in its step"
+
+_PLANNER_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _caller() -> str:
+    """``code`` at ``file:line`` of the innermost frame outside torch and the planner (the user's read)."""
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.abspath(frame.filename)
+        if path.startswith((_PLANNER_DIR, _TORCH_DIR)):
+            continue
+        try:
+            shown = os.path.relpath(path)
+        except ValueError:  # another drive (Windows)
+            shown = path
+        shown = shown if not shown.startswith("..") else os.path.basename(path)
+        return f"{(frame.line or '').strip() or frame.name} at {shown}:{frame.lineno}"
+    return "an unknown place"
+
+
+class StandInValues:
+    """Context manager for a step on fake tensors: a read of a fake tensor's value gets :data:`STAND_IN`
+    of the tensor's dtype instead of failing. Only reads that fake tensors cannot answer are replaced (a
+    constant the fake mode knows keeps its value); no tensor is created, so the memory accounting is as before.
+
+    Attributes:
+        reads: where values were read (``code at file:line``), the first of each place, in order.
+    """
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+        self._mode: Any = None
+        self._format: Any = None
+
+    def _stand_in(self, t: Tensor) -> Any:
+        if len(self.reads) < 20:  # the places are for the caveat; a step reading in a loop need not walk its stack
+            where = _caller()
+            if where not in self.reads:
+                self.reads.append(where)
+        if t.dtype == torch.bool:
+            return bool(STAND_IN)
+        return float(STAND_IN) if t.is_floating_point() else (complex(STAND_IN) if t.is_complex() else int(STAND_IN))
+
+    def note(self) -> Optional[str]:
+        """The caveat for the plan (None when nothing was read)."""
+        if not self.reads:
+            return None
+        more = f" and {len(self.reads) - 1} more place(s)" if len(self.reads) > 1 else ""
+        return (f"{STAND_IN_NOTE} ({self.reads[0]}{more}); the plan used a stand-in value "
+                f"({STAND_IN}), so branches on it were not planned")
+
+    def __enter__(self) -> "StandInValues":
+        from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        owner, local_scalar = self, torch.ops.aten._local_scalar_dense.default
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                if func is local_scalar:
+                    try:
+                        return func(*args, **(kwargs or {}))
+                    except DataDependentOutputException:
+                        return owner._stand_in(args[0])
+                return func(*args, **(kwargs or {}))
+
+        def fake_format(t: Tensor, spec: str) -> str:  # Tensor.__format__ reads .item() only for plain Tensors
+            return format(t.item(), spec) if t.dim() == 0 else object.__format__(t, spec)
+
+        self._format = FakeTensor.__dict__.get("__format__")
+        FakeTensor.__format__ = fake_format  # type: ignore[method-assign]
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        self._mode.__exit__(*exc)
+        if self._format is None:
+            del FakeTensor.__format__
+        else:
+            FakeTensor.__format__ = self._format  # type: ignore[method-assign]
+
+
 class StepRunner:
     """Runs one automatic-optimization step of ``module`` with a :class:`Setting`.
 
@@ -258,9 +351,12 @@ class StepRunner:
                 self.warm_optimizer(optimizer)
             before = {n: p.detach().clone() for n, p in module.named_parameters()} if capture else {}
             tracker = CategoryTracker(module.parameters(), head_modules(module)) if measure else None
+            stand_in = StandInValues() if any(_is_fake(p) for p in module.parameters()) else None
             with contextlib.ExitStack() as stack:
                 stack.enter_context(_no_logging(module))
                 running = stack.enter_context(_RunningModule(module))
+                if stand_in is not None:
+                    stack.enter_context(stand_in)
                 if tracker is not None:
                     stack.enter_context(tracker)
                 try:
@@ -270,11 +366,16 @@ class StepRunner:
                 except Exception as err:
                     where = running.where()
                     hint = ""
-                    if "DataDependent" in type(err).__name__ or "_local_scalar_dense" in str(err):
-                        hint = (" The step reads a tensor's value (.item(), .tolist(), `if tensor:`); fake tensors have "
-                                "none. Fix: keep such reads out of training_step's computation (log tensors, not floats).")
+                    if "DynamicOutputShape" in type(err).__name__:
+                        hint = (" The step makes a tensor whose shape depends on values (boolean indexing, nonzero(), "
+                                "unique()); fake tensors have none, so its size cannot be planned. Fix: use fixed "
+                                "shapes (masks and torch.where) in training_step.")
+                    if stand_in is not None and stand_in.reads:
+                        hint += f" Note: {stand_in.note()}."
                     raise StepError(f"the training step failed in {where}: {type(err).__name__}: "
                                     f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}.{hint}") from err
+            if stand_in is not None and stand_in.reads:
+                result.notes.append(stand_in.note() or "")
             if capture:
                 result.update = {n: (p.detach() - before[n]) for n, p in module.named_parameters()}
             if tracker is not None:

@@ -18,6 +18,7 @@ updates the block and frees its gradients before the next block starts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -221,7 +222,7 @@ def sequence_loss(
     labels: Tensor,
     *,
     method: str = "streambp",
-    chunk_size: int = 2048,
+    chunk_size: Optional[int] = None,
     keep: Optional[float] = None,
     seed: Optional[int] = None,
     step: int = 0,
@@ -241,7 +242,8 @@ def sequence_loss(
             ``ignore_index`` marks positions out of the loss (padding, prompts). The mean is over the
             positions that count, as ``F.cross_entropy`` takes it (NaN when none counts, as there).
         method: ``"streambp"`` or ``"seco"`` (exact), ``"spaco"`` (unbiased estimate).
-        chunk_size: tokens per chunk; any sequence length works (the last chunk may be shorter).
+        chunk_size: tokens per chunk; any sequence length works (the last chunk may be shorter). None:
+            2048, or the model's maximum sequence length where that is shorter.
         keep, seed, step: SpaCO: each chunk is back-propagated with probability ``keep``, drawn from
             ``(seed, step)``.
         cross_entropy: fused cross-entropy settings for the per-chunk loss; None: the head's logits for
@@ -269,6 +271,7 @@ def sequence_loss(
         )
     ad = get_adapter(model)
     ad.check_length(input_ids.shape[1])
+    config = dataclasses.replace(config, chunk_size=config.chunk_for(ad.max_seq_len))
     targets = shifted_targets(labels, ignore_index) if shift else labels
     count = (targets != ignore_index).sum() if reduction == "mean" else None
     loss_fn = _loss_fn(ad, cross_entropy, ignore_index)

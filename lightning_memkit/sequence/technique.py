@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Iterator, Optional
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_memkit.config import MemKitConfigError, SequenceConfig
+from lightning_memkit.config import DEFAULT_SEQUENCE_CHUNK, MemKitConfigError, SequenceConfig
 from lightning_memkit.sequence.adapter import SequenceAdapter, find_adapter
 from lightning_memkit.sequence.core import BlockCall
 from lightning_memkit.sequence.toggle import SequenceRuntime, patch_hf_forward, unpatch_hf_forward, use_sequence
@@ -68,12 +69,16 @@ class SequenceTechnique(Technique):
         self._patched: list[nn.Module] = []
         self._runtime: Optional[SequenceRuntime] = None
         self._checked = False
+        self._chunk_size: Optional[int] = config.chunk_size  # the default is resolved at setup, from the model
 
     def describe(self) -> str:
         c = self.config
         what = {"seco": "SeCO (exact)", "streambp": "StreamBP (exact)",
                 "spaco": f"SpaCO (unbiased estimate, keep={c.keep}, seed={c.seed})"}[c.method]
-        return f"sequence-chunked backprop: {what}, chunks of {c.chunk_size} tokens, {len(self._models)} model(s)"
+        chunks = f"chunks of {self._chunk_size if self._chunk_size is not None else DEFAULT_SEQUENCE_CHUNK} tokens"
+        if c.chunk_size is None and self._chunk_size is not None and self._chunk_size < DEFAULT_SEQUENCE_CHUNK:
+            chunks += f" (the default {DEFAULT_SEQUENCE_CHUNK}, clamped to the model's max_seq_len)"
+        return f"sequence-chunked backprop: {what}, {chunks}, {len(self._models)} model(s)"
 
     def setup_trainer(self, trainer: Any) -> None:
         self._trainer = trainer
@@ -105,7 +110,7 @@ class SequenceTechnique(Technique):
             )
         seq_len = getattr(getattr(self._trainer, "datamodule", None), "seq_len", None)
         for model, adapter in models:
-            if c.chunk_size > adapter.max_seq_len:
+            if c.chunk_size is not None and c.chunk_size > adapter.max_seq_len:
                 raise MemKitConfigError(
                     f"sequence.chunk_size={c.chunk_size} is longer than {type(model).__name__}'s max_seq_len="
                     f"{adapter.max_seq_len}. Fix: set sequence.chunk_size <= {adapter.max_seq_len} (any length "
@@ -117,8 +122,11 @@ class SequenceTechnique(Technique):
                 except ValueError as err:
                     raise MemKitConfigError(f"data.seq_len={seq_len}: {err}") from None
         self._models = [m for m, _ in models]
+        # left unset, the chunk is the default clamped to the shortest max_seq_len of the driven models
+        self._chunk_size = c.chunk_for(min(adapter.max_seq_len for _, adapter in models))
         self._patched = [m for m in self._models if is_hf_causal_lm(m) and patch_hf_forward(m)]
-        self._runtime = SequenceRuntime(c, wrapped_block_call(c.method), self._draw_index,
+        self._runtime = SequenceRuntime(dataclasses.replace(c, chunk_size=self._chunk_size),
+                                        wrapped_block_call(c.method), self._draw_index,
                                         early_gradients=self.step_in_backward)
         self._checked = False
 

@@ -194,3 +194,110 @@ def test_epoch_shuffle_sampler_matches_a_seeded_shuffle_and_depends_on_the_epoch
     fresh = EpochShuffleSampler(23, 5)  # a resumed run: a new sampler told the epoch
     fresh.set_epoch(2)
     assert [b.tolist() for b in DataLoader(data, batch_size=4, sampler=fresh, drop_last=True)] == orders[2]
+
+
+def _loader(n=23, batch_size=3, num_workers=0, num_replicas=1, rank=0, seed=5):
+    from lightning_memkit.data import EpochShuffleSampler, ResumableDataLoader
+
+    sampler = EpochShuffleSampler(n, seed, num_replicas=num_replicas, rank=rank)
+    return ResumableDataLoader(list(range(n)), batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_state_resumes_at_the_next_batch_of_the_epoch(num_workers):
+    """state_dict() after k batches counts the batches handed out (not those workers prepared ahead); a new
+    loader given it continues with batch k of the same epoch, and the epoch after it is the usual one."""
+    loader = _loader(num_workers=num_workers)
+    loader.sampler.set_epoch(2)
+    full = [b.tolist() for b in loader]
+    loader.sampler.set_epoch(3)
+    following = [b.tolist() for b in loader]
+    loader.sampler.set_epoch(2)
+    it = iter(loader)
+    seen = [next(it).tolist() for _ in range(4)]
+    state = loader.state_dict()
+    assert seen == full[:4] and state["epoch"] == 2 and state["batches"] == 4
+    resumed = _loader(num_workers=num_workers)
+    resumed.load_state_dict(state)
+    it = iter(resumed)  # Lightning asks for the iterator first, then sets the (same) epoch
+    resumed.sampler.set_epoch(2)
+    assert [b.tolist() for b in it] == full[4:]
+    assert resumed.state_dict()["batches"] == len(full)
+    resumed.sampler.set_epoch(3)
+    assert [b.tolist() for b in resumed] == following
+    del it
+
+
+def test_loader_state_of_a_finished_epoch_starts_the_next_one():
+    loader = _loader()
+    loader.sampler.set_epoch(0)
+    list(loader)
+    state = loader.state_dict()
+    assert state["batches"] == len(loader)
+    resumed = _loader()
+    resumed.load_state_dict(state)
+    nxt = _loader()
+    nxt.sampler.set_epoch(1)
+    assert [b.tolist() for b in resumed] == [b.tolist() for b in nxt]  # epoch 1, from its start
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_state_for_another_epoch_is_dropped_by_set_epoch(num_workers):
+    """A pending position belongs to its epoch: Lightning moving on to another epoch starts that one at 0 --
+    also with workers, which start fetching when the iterator starts, after Lightning's set_epoch."""
+    loader = _loader(num_workers=num_workers)
+    loader.load_state_dict({**_loader().state_dict(), "epoch": 0, "batches": 3})
+    assert loader.state_dict()["batches"] == 3  # saved again before any batch: the same place
+    it = iter(loader)
+    loader.sampler.set_epoch(1)
+    fresh = _loader()
+    fresh.sampler.set_epoch(1)
+    assert [b.tolist() for b in it] == [b.tolist() for b in fresh]
+
+
+def test_loader_state_from_other_data_settings_is_refused():
+    from lightning_memkit import MemKitConfigError
+
+    state = _loader().state_dict()
+    with pytest.raises(MemKitConfigError, match=r"data.batch_size: .*batch_size=3, this run has batch_size=4.*Fix"):
+        _loader(batch_size=4).load_state_dict(state)
+    with pytest.raises(MemKitConfigError, match="number of training sequences.*samples=23.*samples=24"):
+        _loader(n=24).load_state_dict(state)
+    with pytest.raises(MemKitConfigError, match="number of processes"):
+        _loader(num_replicas=2).load_state_dict(state)
+    with pytest.raises(MemKitConfigError, match="data.seed"):
+        _loader(seed=6).load_state_dict(state)
+    with pytest.raises(MemKitConfigError, match="version None"):
+        _loader().load_state_dict({k: v for k, v in state.items() if k != "version"})
+
+
+def test_sampler_shards_an_epoch_across_processes():
+    """Rank r takes every other index: the k-th batches of 2 processes hold the k-th batch of one process
+    with twice the batch; a sampler is a DistributedSampler, which Lightning leaves in place."""
+    from torch.utils.data import DistributedSampler
+
+    one = _loader(n=23, batch_size=4)
+    ranks = [_loader(n=23, batch_size=2, num_replicas=2, rank=r) for r in range(2)]
+    assert isinstance(one.sampler, DistributedSampler) and len(ranks[0]) == len(ranks[1]) == len(one) == 5
+    for epoch in range(2):
+        for loader in (one, *ranks):
+            loader.sampler.set_epoch(epoch)
+        for whole, a, b in zip(one, *ranks):
+            assert sorted(whole.tolist()) == sorted(a.tolist() + b.tolist())
+
+
+def test_text_datamodule_shards_when_the_trainer_is_distributed(small_corpus_dir):
+    """The training loader reads the process count and rank from the trainer, and is resumable."""
+    from lightning.fabric.utilities.types import _Stateful
+
+    class FakeTrainer:
+        distributed_sampler_kwargs = {"num_replicas": 2, "rank": 1}
+
+    dm = TextDataModule(paths=small_corpus_dir, seq_len=32, batch_size=4)
+    dm.setup()
+    alone = dm.train_dataloader()
+    dm.trainer = FakeTrainer()
+    second = dm.train_dataloader()
+    assert isinstance(alone, _Stateful) and isinstance(second, _Stateful)
+    assert (alone.sampler.num_replicas, second.sampler.num_replicas, second.sampler.rank) == (1, 2, 1)
+    assert len(second.sampler) == len(dm.train_set) // 2

@@ -5,7 +5,8 @@ process group (N CPU processes, gloo), and save what each run saw. Used by tests
 "optimizer": "adamw" | "sgd", "save_every": k (optional), "resume": name of an earlier run (optional),
 "resume_step": k, "export": true, "precision", "measure": true, "hf": true (a tiny Hugging Face Llama
 instead of the reference model; "labels": and the step calls it with labels=), "sequences": n (default 4), "trainer": more Trainer arguments, "validate": true (validate on the
-training data after every epoch) (optional)}``. The data is 4 sequences and the global batch is 4 (4 on
+training data after every epoch) (optional), "expect_error": true (the fit must fail: its message is saved; such
+runs come last, as a failed fit may leave the process group unusable)}``. The data is 4 sequences and the global batch is 4 (4 on
 one process, 2 on each of two): every step sees all 4 sequences whatever order Lightning's
 DistributedSampler shuffles them into, so runs on 1 and 2 processes are comparable, and every
 epoch is one step (resuming from an end-of-epoch checkpoint of a longer epoch is off by one batch in
@@ -156,6 +157,12 @@ def fit(run: dict, devices: int, workdir: str) -> dict:
     if run.get("resume"):
         ckpt_path = os.path.join(workdir, run["resume"], f"step={run['resume_step']}.ckpt")
     val = DataLoader(data, batch_size=4 // devices) if run.get("validate") else None
+    if run.get("expect_error"):  # a resume memkit must refuse: the message, and how many steps ran before it
+        try:
+            trainer.fit(module, train_dataloaders=loader, val_dataloaders=val, ckpt_path=ckpt_path)
+        except Exception as error:  # noqa: BLE001 - reported to the test, which checks the type and text
+            return {"error": f"{type(error).__name__}: {error}", "losses": recorder.losses}
+        return {"error": None, "losses": recorder.losses}
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=val, ckpt_path=ckpt_path)
     out = {"losses": recorder.losses, "strategy": type(trainer.strategy).__name__,
            "initial": initial, "state": full_state(trainer, module), "val_history": list(module.val_history), "world_size": trainer.world_size, "partitions": partitions.numbers,

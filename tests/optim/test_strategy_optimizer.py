@@ -241,15 +241,21 @@ def test_lightning_resume_reproduces_the_uninterrupted_losses(in_backward, small
     assert resumed == full[4:]
 
 
-@pytest.mark.parametrize("name", ["none", "adamw8bit", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini",
-                                  "frugal"])
-def test_optimizer_state_bytes_are_as_predicted(name):
+@pytest.mark.parametrize("name, default_rank", [
+    ("none", False), ("adamw8bit", False), ("galore_adamw", False), ("galore_adamw8bit", False), ("apollo", False),
+    ("apollo_mini", False), ("frugal", False),
+    # rank unset: the default (128 / 256) is lowered to each weight's min(m, n) on this narrow model
+    ("galore_adamw8bit", True), ("apollo", True), ("frugal", True)])
+def test_optimizer_state_bytes_are_as_predicted(name, default_rank):
     from lightning_memkit.models.llama import Transformer, get_config
 
     torch.manual_seed(0)
     model = Transformer(get_config("small"))
     lowrank = select_lowrank(model, None)
-    cfg = OptimizerConfig(**(_setting(name) or {}))
+    setting = _setting(name) or {}
+    if default_rank:
+        setting.pop("rank")
+    cfg = OptimizerConfig(**setting)
     base = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt = base if name == "none" else convert_optimizer(base, cfg, lowrank, {})
     model(torch.randint(0, 258, (2, 16))).float().mean().backward()

@@ -138,9 +138,15 @@ def test_memkit_plan_command(tmp_path, capsys):
     png = tmp_path / "p.png"
     with pytest.raises(SystemExit) as exit_:
         main(["plan", "--config", QUICKSTART, *TINY, "--gpu-memory", "64MiB", "--compare", "--plot", str(png)])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert exit_.value.code == 0, out
     assert "logits/loss" in out and "fits in 64.00 MiB" in out and png.exists()
+    # a progress line per candidate on stderr, as it is measured; the result alone on stdout
+    progress = [line for line in err.splitlines() if line.startswith("[")]
+    n = int(progress[0].split("/")[1].split("]")[0])
+    assert n > 10 and [p.split("]")[0] for p in progress] == [f"[{i}/{n}" for i in range(1, n + 1)]
+    assert progress[0].startswith(f"[1/{n}] as configured: ") and "MiB, fits" in progress[0]
+    assert not any(line.startswith("[") for line in out.splitlines())
     with pytest.raises(SystemExit) as exit_:
         main(["plan", "--config", QUICKSTART, *TINY, "--gpu-memory", "1KiB"])
     assert exit_.value.code == 2
@@ -211,8 +217,67 @@ def test_longest_sequence_bisects_to_the_last_length_that_fits():
     from lightning_memkit.planner.plans import longest_sequence
 
     overrides = [o for o in TINY if "seq_len" not in o]
-    length, row, capped = longest_sequence(QUICKSTART, overrides, gpu_memory="12MiB", multiple=64, upper=1024)
-    assert row is not None and row.fits and not capped and 64 <= length < 1024
+    found = longest_sequence(QUICKSTART, overrides, gpu_memory="12MiB", multiple=64, upper=1024)
+    length, row = found.length, found.row
+    assert row is not None and row.fits and not found.capped and 64 <= length < 1024
+    assert found.varies == ("--data.init_args.seq_len", "--model.init_args.max_seq_len")  # CausalLMModule takes one
     over = plan(QUICKSTART, [*overrides, f"--data.init_args.seq_len={length + 64}",
                              f"--model.init_args.max_seq_len={length + 64}"], gpu_memory="12MiB")
     assert not over.recipe.fits
+
+
+def test_a_misspelled_model_name_is_reported_as_such(capsys):
+    """jsonargparse buries the model's own message in Union machinery; the planner reports it, not 'meta device'."""
+    from lightning_memkit.cli import main
+
+    with pytest.raises(MemKitConfigError) as info:
+        plan(QUICKSTART, [*TINY, "--model.init_args.model=tinny"])
+    message = str(info.value)
+    assert "model.model='tinny' is not a named model shape. Fix: use one of" in message
+    assert "Union" not in message and "meta device" not in message and not isinstance(info.value, ModelBuildError)
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--config", QUICKSTART, *TINY, "--model.init_args.model=tinny"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "'tinny' is not a named model shape" in err and len(err.splitlines()) <= 5
+
+
+def _recipe(tmp_path, model: str, data: str) -> str:
+    path = tmp_path / "own.yaml"
+    path.write_text(f"trainer: {{logger: false, strategy: memkit, enable_checkpointing: false}}\n"
+                    f"model: {{class_path: {model}}}\ndata: {data}\n")
+    return str(path)
+
+
+def test_max_seq_len_varies_the_data_for_a_module_without_max_seq_len(tmp_path, capsys):
+    from lightning_memkit.cli import main
+
+    recipe = _recipe(tmp_path, "tests.helpers.planning.SmallLM",
+                     "{class_path: lightning_memkit.TextDataModule, init_args: {seq_len: 1024, batch_size: 2}}")
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--config", recipe, "--max-seq-len", "--gpu-memory", "64MiB"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, out + err
+    assert "varied data.init_args.seq_len)" in out and "max_seq_len" not in out
+    length = int(out.split("fits 64MiB: ")[1].split(" tokens")[0])
+    tried = [line for line in err.splitlines() if line.startswith("[")]
+    assert tried[0].startswith("[1] 65536 tokens: ") and "does not fit" in tried[0] and len(tried) >= 5
+    at = plan(recipe, [f"--data.init_args.seq_len={length}"], gpu_memory="64MiB")
+    over = plan(recipe, [f"--data.init_args.seq_len={length + 1024}"], gpu_memory="64MiB")
+    assert at.recipe.fits and not over.recipe.fits
+
+
+def test_max_seq_len_reports_errors_as_errors_not_as_lengths_that_do_not_fit(tmp_path, capsys):
+    from lightning_memkit.cli import main
+
+    recipe = _recipe(tmp_path, "tests.helpers.planning.SmallLM",
+                     "{class_path: lightning_memkit.TextDataModule, init_args: {seq_len: 1024, batch_size: 2}}")
+    with pytest.raises(SystemExit) as exit_:  # a recipe that does not build
+        main(["plan", "--config", recipe, "--max-seq-len", "--gpu-memory", "64MiB", "--model.init_args.widht=8"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and "widht" in err and "nothing fits" not in out
+    vectors = _recipe(tmp_path, "tests.helpers.planning.ReadingModule",
+                      "{class_path: tests.helpers.planning.VectorLoaderData}")
+    with pytest.raises(SystemExit) as exit_:  # data without a seq_len: nothing to vary
+        main(["plan", "--config", vectors, "--max-seq-len", "--gpu-memory", "64MiB"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and "has no seq_len argument" in err and "VectorLoaderData" in err
