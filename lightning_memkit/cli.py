@@ -1,11 +1,15 @@
 """The ``memkit`` console script: LightningCLI with lightning_memkit's additions.
 
-    memkit fit --config recipes/quickstart.yaml
+    memkit recipes                                   # the shipped recipes: what each trains, budget, planned peak
+    memkit fit --config quickstart                   # a shipped recipe by name (recipes/quickstart.yaml)
     memkit fit --config recipes/quickstart.yaml --trainer.max_steps=50
     memkit fit --config recipes/quickstart.yaml --print_config
-    memkit plan --config recipes/llama3_8b_24gb.yaml --gpu-memory 24GiB --compare --plot plan.png
+    memkit plan --config recipes/llama3_8b_full_24gb.yaml --gpu-memory 24GiB --compare --plot plan.png
     memkit verify --config recipes/quickstart.yaml --model.init_args.model=tiny
+    memkit recipes quickstart > my_recipe.yaml       # a copy to edit
 
+``--config NAME`` takes a shipped recipe (:mod:`lightning_memkit.recipes`) by name, with or without ``.yaml`` or
+``recipes/``, when no such file exists; a name that matches nothing ends the command listing the shipped names.
 Any LightningModule / LightningDataModule can be named by ``class_path``. Unknown keys fail with the
 key named (jsonargparse's strict parsing). A bad value in a recipe ends the command with the message in a
 few lines on stderr and exit code 2; ``--debug`` (anywhere on the command line) or ``MEMKIT_DEBUG=1``
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any, Optional
 
@@ -24,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import lightning_memkit  # noqa: F401  (registers the memkit strategy names)
 from lightning_memkit.config import MemKitConfigError, recorded_errors
+from lightning_memkit.export import main as export_main
 from lightning_memkit.strategy import PRESETS
 
 _MODULE = "lightning_memkit.module.CausalLMModule"
@@ -120,29 +126,45 @@ class MemKitCLI(LightningCLI):
             model.init_args.vocab_size = load_tokenizer(data.init_args.tokenizer).vocab_size
 
 
-PLAN_HELP = """memkit plan --config RECIPE.yaml [--gpu-memory 24GiB] [--cpu-memory 64GiB] [--compare] [--plot out.png]
+PLAN_HELP = """memkit plan --config RECIPE [--gpu-memory 24GiB] [--cpu-memory 64GiB] [--compare] [--plot out.png]
             [--exact-only] [--max-seq-len] [any memkit fit override, e.g. --data.init_args.seq_len=8192]
 
 Runs one full-size training step of the recipe's model and techniques on fake tensors (nothing is
 allocated) and prints the peak device memory by category and whether it fits. --compare and --max-seq-len
-print a line per candidate / length on stderr as it is measured; the result goes to stdout."""
+print a line per candidate / length on stderr as it is measured; the result goes to stdout.
+RECIPE is a YAML file or the name of a shipped recipe (memkit recipes lists them)."""
 
-VERIFY_HELP = """memkit verify --config RECIPE.yaml [--seed 0] [any memkit fit override, e.g. --model.init_args.model=tiny]
+VERIFY_HELP = """memkit verify --config RECIPE [--seed 0] [any memkit fit override, e.g. --model.init_args.model=tiny]
 
 Runs one batch of the recipe's data with and without each technique (real tensors, on the CPU) and
-reports the gradient and update differences; exact techniques must match to the dtype's tolerance."""
+reports the gradient and update differences; exact techniques must match to the dtype's tolerance.
+RECIPE is a YAML file or the name of a shipped recipe (memkit recipes lists them)."""
 
-#: memkit's own subcommands, one line each (``memkit --help`` lists them above LightningCLI's)
+RECIPES_HELP = """memkit recipes [NAME]
+
+Without NAME: a table of the recipes shipped with memkit: what each trains, the memory budget it is sized
+for and the peak `memkit plan` measures for it (both from the recipe's header comment; "-" when it states
+none). With NAME: the recipe's YAML on stdout, e.g. memkit recipes quickstart > my_recipe.yaml to edit a copy.
+Any command's --config NAME runs a shipped recipe by name."""
+
+#: memkit's own subcommands, one line each (``memkit --help`` lists them above LightningCLI's); main() runs each
+#: with the function ``_MEMKIT_MAINS`` gives it
 MEMKIT_COMMANDS = {
     "plan": "will it fit? peak memory of one full-size step on fake tensors (--compare, --max-seq-len)",
     "verify": "one batch with and without each technique: gradients and updates against the plain step",
+    "recipes": "the shipped recipes: what each trains, its memory budget and planned peak (NAME: its YAML)",
+    "export": "write a checkpoint (file or ZeRO folder) of an hf_path model as a Hugging Face folder",
 }
+CONFIG_FLAGS = ("--config", "-c")  # LightningCLI's names of the option; plan and verify take --config
 
 
 def _help_section() -> str:
-    width = max(len(name) for name in (*MEMKIT_COMMANDS, DEBUG_FLAG))
+    config = f"{CONFIG_FLAGS[0]} NAME"
+    width = max(len(name) for name in (*MEMKIT_COMMANDS, DEBUG_FLAG, config))
     lines = ["memkit's own subcommands (memkit SUBCOMMAND --help for their options):"]
     lines += [f"    {name:<{width}}  {text}" for name, text in MEMKIT_COMMANDS.items()]
+    lines.append(f"    {config:<{width}}  (fit, validate, plan, verify, ...) a shipped recipe by name, "
+                 "e.g. --config quickstart")
     lines.append(f"    {DEBUG_FLAG:<{width}}  (any subcommand) errors with their full traceback (or {DEBUG_ENV}=1)")
     lines.append("LightningCLI's subcommands (fit, validate, test, predict):")
     return "\n".join(lines)
@@ -213,6 +235,70 @@ def verify_main(args: list[str]) -> int:
     return 0 if all(c.passed for c in checks) else 1
 
 
+def recipes_main(args: list[str]) -> int:
+    """``memkit recipes [NAME]``: the table of the shipped recipes, or one recipe's YAML.
+
+    Args:
+        args: the arguments after ``recipes``.
+
+    Raises:
+        MemKitConfigError: NAME is no shipped recipe (the message lists them).
+    """
+    from lightning_memkit.recipes import RECIPES_DIR, find_recipe, list_recipes
+
+    parser = argparse.ArgumentParser(prog="memkit recipes", usage=RECIPES_HELP, add_help=True)
+    parser.add_argument("name", nargs="?", default=None, help="a shipped recipe: print its YAML")
+    opts = parser.parse_args(args)
+    if opts.name is not None:
+        path = find_recipe(opts.name, key="NAME")
+        print(path.read_text(encoding="utf-8"), end="")
+        return 0
+    header = ("name", "budget", "planned peak", "trains")
+    rows = [header] + [(r.name, r.budget, r.planned_peak, r.trains) for r in list_recipes()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + "  " + row[-1])
+    print(f"\nRun one: memkit fit --config NAME. Check it: memkit plan --config NAME --gpu-memory 24GiB. "
+          f"Edit a copy: memkit recipes NAME > my_recipe.yaml.\n(files in {RECIPES_DIR})")
+    return 0
+
+
+#: memkit's own subcommands (MEMKIT_COMMANDS) -> the function that runs one and returns its exit code
+_MEMKIT_MAINS = {"plan": plan_main, "verify": verify_main, "recipes": recipes_main, "export": export_main}
+
+
+def _looks_like_a_path(value: str) -> bool:
+    """A file name or path, not a YAML document (jsonargparse's ``--config`` takes either)."""
+    return bool(re.fullmatch(r"[\w.~/\\-]+", value))
+
+
+def resolve_configs(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config NAME`` that is no file replaced by the shipped recipe's path.
+
+    Args:
+        argv: the command line (``--config X``, ``--config=X`` or ``-c X``; X a path, a name or a YAML document).
+
+    Raises:
+        MemKitConfigError: a ``--config`` value that is no file and no shipped recipe's name.
+    """
+    from lightning_memkit.recipes import find_recipe
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        flag, sep, value = arg.partition("=")
+        if flag not in CONFIG_FLAGS or (not sep and i + 1 >= len(out)):
+            continue
+        value = value if sep else out[i + 1]
+        if os.path.exists(value) or not _looks_like_a_path(value):
+            continue
+        path = str(find_recipe(value))
+        if sep:
+            out[i] = f"{flag}={path}"
+        else:
+            out[i + 1] = path
+    return out
+
+
 def _is_recipe_error(err: BaseException) -> bool:
     """A parse error, a memkit setting, or a class of the recipe that cannot be built (not a crash in training)."""
     return (isinstance(err, (argparse.ArgumentError, MemKitConfigError))
@@ -230,19 +316,27 @@ def _fail(command: str, err: BaseException) -> None:
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``memkit`` console script (``plan`` and ``verify`` are memkit's; the rest is LightningCLI).
+    """Entry point of the ``memkit`` console script (MEMKIT_COMMANDS are memkit's; the rest is LightningCLI).
 
     ``--debug`` is memkit's (taken out before LightningCLI sees the arguments): errors show their full traceback.
+    ``--config NAME`` finds a shipped recipe by name when no such file exists (:func:`resolve_configs`).
     """
     argv = list(sys.argv[1:] if args is None else args)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
     command = argv[0] if argv and not argv[0].startswith("-") else ""
-    if command in ("plan", "verify"):
+    if command != "recipes":
+        try:
+            argv = resolve_configs(argv)
+        except MemKitConfigError as err:
+            if debug:
+                raise
+            _fail(command, err)
+    if command in _MEMKIT_MAINS:
         from lightning_memkit.planner.step import StepError
 
         try:
-            code = (plan_main if command == "plan" else verify_main)(argv[1:])
+            code = _MEMKIT_MAINS[command](argv[1:])
         except (MemKitConfigError, StepError) as err:
             if debug:
                 raise

@@ -16,6 +16,7 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_memkit.config import MemKitConfigError, check_number
+from lightning_memkit.export import PEFT_CHECKPOINT_KEY, peft_checkpoint_entry, save_module
 from lightning_memkit.loss.toggle import causal_lm_loss
 from lightning_memkit.models.llama import NAMED_CONFIGS, Transformer, get_config
 
@@ -79,6 +80,28 @@ class CausalLMModule(pl.LightningModule):
             overrides = {k: hp[k] for k in ("vocab_size", "max_seq_len") if hp[k] is not None}
             self.model = Transformer(get_config(hp.model, **overrides))
 
+    def save_pretrained(self, folder: str, **kwargs: Any) -> None:
+        """Save the Hugging Face model (``hf_path`` models) and the ``hf_path`` folder's tokenizer into ``folder``.
+
+        ``AutoModelForCausalLM.from_pretrained(folder)`` then loads it. Call it on one process, on whole weights
+        (not inside a ZeRO-3 run: export a checkpoint with :func:`lightning_memkit.export.export_checkpoint`).
+
+        Args:
+            folder: where to write.
+            kwargs: passed to the model's ``save_pretrained``. A PEFT model writes its adapters alone, or a merged
+                copy with ``merge_lora=True`` (the live module keeps its adapters).
+
+        Raises:
+            MemKitConfigError: the module holds the reference model, or ZeRO-3 partitions its parameters.
+        """
+        save_module(self, folder, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record a PEFT (LoRA) model's adapter configuration, so ``memkit export`` can rebuild it."""
+        entry = peft_checkpoint_entry(getattr(self.model, "hf", self.model))
+        if entry is not None:
+            checkpoint[PEFT_CHECKPOINT_KEY] = entry
+
     @property
     def max_seq_len(self) -> int:
         return int(self.model.max_seq_len)
@@ -138,10 +161,10 @@ class CausalLMModule(pl.LightningModule):
             if not p.requires_grad:
                 continue
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.learning_rate, betas=tuple(hp.betas),
-        )
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # a group left empty (a LoRA model's norms are all frozen) is left out: DeepSpeed would drop it, and the
+        # LR scheduler built over both groups would then fail at its first step
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.learning_rate, betas=tuple(hp.betas))
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         warmup = hp.warmup_steps
 

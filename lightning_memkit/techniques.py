@@ -93,6 +93,15 @@ def wrap_forward(module: nn.Module, make: Callable[[Callable[..., Any], bool], W
     return wrapper
 
 
+def wrap_forward_once(module: nn.Module, cls: type[W], make: Callable[[Callable[..., Any], bool], W]) -> bool:
+    """:func:`wrap_forward` unless ``module.forward`` already carries a wrapper of class ``cls``; True if it wrapped
+    (a technique set up twice keeps its one wrapper)."""
+    if find_forward_wrapper(module, cls) is not None:
+        return False
+    wrap_forward(module, make)
+    return True
+
+
 def unwrap_forward(module: nn.Module, cls: type[ForwardWrapper]) -> None:
     """Remove the wrapper of class ``cls`` from ``module.forward``, leaving any others in place."""
     parent: Optional[ForwardWrapper] = None

@@ -495,6 +495,7 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
         optimizer, scheduler_config = super()._init_optimizers()
         configs = [scheduler_config] if scheduler_config is not None else []
         (optimizer,) = self._convert_optimizers([optimizer], configs)
+        _check_groups_train(optimizer)
         if not self.zero.deepspeed_config.get("zero_allow_untested_optimizer"):
             _check_elementwise(optimizer, self.zero.stage)
         if self.zero.offload_optimizer != "none" and self.zero.cpu_adam:
@@ -503,6 +504,20 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
                 self._repoint_schedulers(optimizer, new, configs)
                 optimizer = new
         return optimizer, scheduler_config
+
+
+def _check_groups_train(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a param group without a trainable parameter: ZeRO drops empty groups (which misaligns the LR
+    schedulers built over the groups) and ZeRO-1/2 cannot flatten a group of frozen parameters."""
+    for i, group in enumerate(optimizer.param_groups):
+        if not any(p.requires_grad for p in group["params"]):
+            what = "is empty" if not group["params"] else f"holds {len(group['params'])} frozen parameter(s) only"
+            raise MemKitConfigError(
+                f"param group {i} of the optimizer configure_optimizers returned {what}: DeepSpeed's ZeRO drops empty "
+                "groups, which misaligns the LR schedulers built over the groups, and ZeRO-1/2 cannot flatten a group "
+                "of frozen parameters. Fix: leave that group out of configure_optimizers (keep the groups that have "
+                "a parameter with requires_grad=True)."
+            )
 
 
 #: suffixes of a sharded checkpoint's folder while it is written, and of the one it replaces

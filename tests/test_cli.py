@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,7 +205,7 @@ def test_help_lists_memkits_own_subcommands(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code in (0, None)
     lines = out.splitlines()
-    for name in ("plan", "verify", "--debug"):
+    for name in ("plan", "verify", "recipes", "--debug", "--config"):
         assert sum(line.split()[:1] == [name] for line in lines) == 1, out  # one line each
     assert "{fit,validate,test,predict}" in out  # and LightningCLI's
 
@@ -220,3 +221,107 @@ def test_console_script_reports_a_bad_value_in_two_lines(tmp_path):
     proc = subprocess.run([*args, "--debug"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
     assert "lightning_memkit.config.MemKitConfigError: optimizer='bogus'" in proc.stderr
+
+
+# --- the shipped recipes: memkit recipes, --config NAME (issue 16, finding 7) ---
+
+def test_memkit_recipes_prints_a_table_from_the_headers(capsys):
+    from lightning_memkit.recipes import list_recipes
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["recipes"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0, out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert rows["name"].split()[:4] == ["name", "budget", "planned", "peak"]
+    shipped = sorted(f[: -len(".yaml")] for f in os.listdir(os.path.join(ROOT, "recipes")) if f.endswith(".yaml"))
+    assert [r.name for r in list_recipes()] == shipped and set(shipped) <= set(rows)
+    full = rows["llama3_8b_full_24gb"]
+    assert "24 GiB GPU" in full and "21.14 GiB" in full and "Llama-3-8B, every weight trained" in full
+    zero = rows["llama2_13b_zero_offload_24gb"]
+    assert "24 GiB GPU, 64 GiB host, ~180 GiB NVMe" in zero and "4.78 GiB GPU, 48.49 GiB host" in zero
+    assert rows["quickstart"].split()[1:3] == ["-", "-"]  # no budget line in its header
+    assert "Quickstart: a small Llama-style model" in rows["quickstart"]
+
+
+def test_memkit_recipes_name_prints_the_yaml(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["recipes", "quickstart"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == open(RECIPE).read()
+    with pytest.raises(SystemExit) as exit_:
+        main(["recipes", "quickstrat"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "memkit recipes: NAME 'quickstrat': no such file" in err, err
+
+
+@pytest.mark.parametrize("config", [["--config", "quickstart"], ["--config=quickstart.yaml"],
+                                    ["-c", "recipes/quickstart.yaml"]])
+def test_config_finds_a_shipped_recipe_by_name(tmp_path, monkeypatch, capsys, config):
+    monkeypatch.chdir(tmp_path)  # no such file here
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *config, "--print_config"])
+    out = capsys.readouterr().out
+    assert exit_.value.code in (0, None), out
+    assert "checkpoint: blocks" in out and "learning_rate: 0.002" in out  # quickstart.yaml's values
+
+
+def test_plan_and_verify_find_a_shipped_recipe_by_name(tmp_path, monkeypatch, capsys):
+    import lightning_memkit.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--config", "quickstart"])  # a real plan: quickstart's full-size step, on fake tensors
+    assert exit_.value.code == 0
+    assert "peak (device)" in capsys.readouterr().out
+    seen = []
+    monkeypatch.setitem(cli._MEMKIT_MAINS, "verify", lambda args: seen.append(args) or 0)
+    with pytest.raises(SystemExit):
+        main(["verify", "--config", "quickstart.yaml", "--model.init_args.model=tiny"])
+    assert seen == [["--config", os.path.realpath(RECIPE), "--model.init_args.model=tiny"]]
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "plan", "verify"])
+def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--config", "quickstrat"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert len(err.strip().splitlines()) <= 3, err
+    assert f"memkit {command}: --config 'quickstrat': no such file" in err
+    assert "quickstart, qwen2.5_1.5b_8gb" in err and "memkit recipes" in err and "Traceback" not in err
+
+
+def test_a_file_in_the_current_folder_wins_over_a_shipped_name(tmp_path, monkeypatch, capsys):
+    from lightning_memkit.cli import resolve_configs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart.yaml").write_text("seed_everything: 7\n")
+    assert resolve_configs(["fit", "--config", "quickstart.yaml"]) == ["fit", "--config", "quickstart.yaml"]
+    assert resolve_configs(["fit", "--config", "quickstart"])[2] == os.path.realpath(RECIPE)
+    inline = "{trainer: {max_steps: 3}}"  # jsonargparse's --config also takes a YAML document
+    assert resolve_configs(["fit", "--config", inline]) == ["fit", "--config", inline]
+
+
+def test_recipe_names_in_the_cli_docs_exist():
+    import lightning_memkit.cli as cli
+
+    text = "\n".join(getattr(cli, name, "") for name in ("__doc__", "PLAN_HELP", "VERIFY_HELP", "RECIPES_HELP"))
+    named = set(re.findall(r"recipes/([\w.\-]+\.yaml)", text))
+    assert named and all(os.path.isfile(os.path.join(ROOT, "recipes", n)) for n in named), named
+
+
+def test_memkit_export_is_a_subcommand(capsys, tmp_path):
+    from lightning_memkit.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--help"])
+    assert stop.value.code == 0 and "--ckpt" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--to", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("memkit export: ") and len(err.strip().splitlines()) <= 3
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "export" in capsys.readouterr().out

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,32 @@ def test_missing_transformers_is_reported_when_used(tmp_path):
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
 
 
+def _shipped_recipes() -> dict[str, str]:
+    folder = os.path.join(ROOT, "recipes")
+    return {f: open(os.path.join(folder, f)).read() for f in sorted(os.listdir(folder)) if f.endswith(".yaml")}
+
+
+# lists the recipes of the installed package, from any folder, as ``memkit recipes`` does
+_LIST_RECIPES = """
+import json
+from lightning_memkit.recipes import RECIPES_DIR, list_recipes
+print(json.dumps({"dir": str(RECIPES_DIR), "recipes": {r.path.name: r.path.read_text() for r in list_recipes()}}))
+"""
+
+
+def test_the_installed_package_sees_the_recipes(tmp_path):
+    """The install in use (editable: scripts/setup_env.sh's pip install -e .) reads recipes/ from another folder."""
+    proc = subprocess.run([sys.executable, "-c", _LIST_RECIPES], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["recipes"] == _shipped_recipes() and len(found["recipes"]) >= 6
+    import lightning_memkit
+
+    if os.path.dirname(os.path.dirname(lightning_memkit.__file__)) == ROOT:  # editable: the files in place
+        assert os.path.samefile(found["dir"], os.path.join(ROOT, "recipes"))
+
+
 @pytest.mark.slow
 def test_wheel_contains_the_kernels_package(tmp_path):
     proc = subprocess.run(
@@ -91,3 +118,18 @@ def test_wheel_contains_the_kernels_package(tmp_path):
     assert any(n.endswith("entry_points.txt") for n in names)
     entry_points = zipfile.ZipFile(tmp_path / wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"memkit = lightning_memkit.cli:main" in entry_points
+    # the recipes are package data of lightning_memkit.recipes, and the installed wheel finds them
+    for f in _shipped_recipes():
+        assert f"lightning_memkit/recipes/{f}" in names, f"recipes/{f} missing from the wheel"
+    assert "lightning_memkit/recipes/__init__.py" in names and not any(n.startswith("recipes/") for n in names)
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                           str(tmp_path / wheel)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install's finder
+    proc = subprocess.run([sys.executable, "-c", _LIST_RECIPES], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["dir"] == str(target / "lightning_memkit" / "recipes")
+    assert found["recipes"] == _shipped_recipes()

@@ -157,6 +157,7 @@ class CheckpointTechnique(Technique):
         self.config = config
         self.plan: Optional[BudgetPlan] = None
         self._changed: list[nn.Module] = []
+        self._caches: list[tuple[Any, Any]] = []  # Hugging Face configs whose use_cache was turned off
 
     def describe(self) -> str:
         every = self.config.checkpoint_every
@@ -183,7 +184,31 @@ class CheckpointTechnique(Technique):
         self._changed = apply_checkpointing(blocks, every=self.config.checkpoint_every,
                                             selective=self.config.checkpoint == "selective",
                                             offload=self.config.offload, plan=self.plan)
+        self._caches = _turn_off_kv_cache(module, self._changed)
 
     def teardown(self, module: nn.Module) -> None:
         remove_checkpointing(self._changed)
         self._changed = []
+        for config, value in self._caches:
+            config.use_cache = value
+        self._caches = []
+
+
+def _turn_off_kv_cache(module: nn.Module, checkpointed: Sequence[nn.Module]) -> list[tuple[Any, Any]]:
+    """Set ``config.use_cache=False`` on the Hugging Face models around checkpointed blocks; returns (config, old
+    value) pairs to restore.
+
+    A Hugging Face model builds a key/value cache in training too (``use_cache`` defaults to true), and a
+    checkpointed block recomputed in the backward pass writes its keys and values into that cache a second time:
+    an extra copy of them, and with a padded ``attention_mask`` a shape error in the backward. Hugging Face's own
+    ``gradient_checkpointing_enable`` turns the cache off the same way.
+    """
+    inside = {id(m) for block in checkpointed for m in block.modules()}
+    changed: list[tuple[Any, Any]] = []
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        if (type(m).__module__.startswith("transformers.") and getattr(config, "use_cache", False) is True
+                and any(id(sub) in inside for sub in m.modules()) and all(config is not c for c, _ in changed)):
+            changed.append((config, config.use_cache))
+            config.use_cache = False
+    return changed

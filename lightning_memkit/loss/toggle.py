@@ -17,19 +17,20 @@ import contextlib
 import contextvars
 from typing import Any, Iterator, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_memkit.config import CrossEntropyConfig
 from lightning_memkit.loss.api import linear_cross_entropy
-from lightning_memkit.techniques import ForwardWrapper, find_forward_wrapper, unwrap_forward, wrap_forward
+from lightning_memkit.models.families import HF_FAMILIES, hf_family, unsupported_loss_extras
+from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward_once
 
 _ACTIVE: contextvars.ContextVar[Optional[CrossEntropyConfig]] = contextvars.ContextVar("memkit_cross_entropy", default=None)
 
-#: Hugging Face model types whose head + loss the patched forward reproduces exactly (tested). Others
-#: (e.g. Granite's logits scaling, Cohere's logit_scale, Mixtral's router loss) keep their own forward.
-FUSABLE_HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
+#: Hugging Face model types whose head + loss the patched forward reproduces exactly (tested), from the family
+#: table :data:`~lightning_memkit.models.families.HF_FAMILIES`. Others (e.g. Granite's logits scaling, Cohere's
+#: logit_scale, Mixtral's router loss) keep their own forward.
+FUSABLE_HF_MODEL_TYPES = tuple(HF_FAMILIES)
 
 _fused_calls = 0
 
@@ -69,7 +70,9 @@ def causal_lm_loss(
     """Mean cross-entropy of ``model`` on ``input_ids`` against ``labels`` (both (B, T)).
 
     With the strategy's ``cross_entropy="fused"`` active, computed from ``model.forward_hidden`` and
-    ``model.lm_head`` by :func:`~lightning_memkit.loss.linear_cross_entropy` (no logits); otherwise
+    ``model.lm_head`` by :func:`~lightning_memkit.loss.linear_cross_entropy` (no logits; softcapped by
+    ``model.logit_softcap`` when the model has one, as Gemma 2 in ``HFCausalLM``; an ``HFCausalLM`` whose config
+    scales its logits or adds a router loss keeps the plain path); otherwise
     ``F.cross_entropy(model(input_ids).float(), labels)``. Both give the same value and gradients.
     With the strategy's ``sequence=`` active, the loss comes from
     :func:`~lightning_memkit.sequence.sequence_loss` (same value, gradients by SeCO / SpaCO / StreamBP).
@@ -81,12 +84,12 @@ def causal_lm_loss(
     if sequence is not None:  # SeCO / SpaCO / StreamBP (they use the fused loss per chunk when it is on)
         return sequence.loss(model, input_ids, labels, ignore_index=ignore_index, shift=shift)
     config = active_cross_entropy()
-    if config is not None:
+    if config is not None and not unsupported_loss_extras(getattr(getattr(model, "hf", None), "config", None)):
         head = model.lm_head
         _count_fused_call()
         return linear_cross_entropy(
             model.forward_hidden(input_ids), head.weight, labels, bias=head.bias, ignore_index=ignore_index,
-            shift=shift, **_fused_kwargs(config),
+            shift=shift, softcap=getattr(model, "logit_softcap", None), **_fused_kwargs(config),
         )
     logits = model(input_ids)
     if shift:
@@ -104,13 +107,22 @@ def is_hf_causal_lm(module: nn.Module) -> bool:
     )
 
 
+def is_hf_language_model(module: nn.Module) -> bool:
+    """A Hugging Face causal LM the fused loss may consider: the Llama layout (:func:`is_hf_causal_lm`) or any
+    family of the table (GPT-2's ``transformer`` + ``lm_head``, GPT-NeoX's ``gpt_neox`` + ``embed_out``)."""
+    return is_hf_causal_lm(module) or hf_family(module) is not None
+
+
 def is_fusable_hf_causal_lm(module: nn.Module) -> bool:
-    """A Hugging Face causal LM of a family whose loss the fused forward reproduces exactly."""
-    return is_hf_causal_lm(module) and getattr(module.config, "model_type", None) in FUSABLE_HF_MODEL_TYPES
+    """A Hugging Face causal LM of a family whose loss the fused forward reproduces exactly: its model type is in
+    :data:`~lightning_memkit.models.families.HF_FAMILIES`, its parts are where the table says, and its config
+    sets no loss extra the fused loss does not compute (logit scaling, router losses)."""
+    return hf_family(module) is not None and not unsupported_loss_extras(module.config)
 
 
 class _FusedHFForward(ForwardWrapper):
-    """Replaces a HF ``*ForCausalLM.forward``: with labels and the toggle active, no logits."""
+    """Replaces a HF ``*ForCausalLM.forward``: with labels and the toggle active, no logits. The body, head and
+    softcap come from the model's family entry (:func:`~lightning_memkit.models.families.hf_family`)."""
 
     def __init__(self, module: nn.Module, inner: Any, had_instance_forward: bool) -> None:
         super().__init__(inner, had_instance_forward)
@@ -120,8 +132,11 @@ class _FusedHFForward(ForwardWrapper):
         config = active_cross_entropy()
         if config is None:
             return self.inner(*args, **kwargs)
-        if args:  # name the positional arguments (input_ids, attention_mask, ...) by the signature
-            kwargs = _as_keywords(self.inner, args, kwargs)
+        if args:  # name the positional arguments (input_ids, attention_mask, ...) by the model's own signature
+            named = _as_keywords(self.inner, args, kwargs, self.module)
+            if named is None:  # a forward taking *args: keep Hugging Face's own path
+                return self.inner(*args, **kwargs)
+            kwargs = named
         if (
             kwargs.get("labels") is None
             or kwargs.get("shift_labels") is not None  # labels already shifted by the caller
@@ -135,12 +150,15 @@ class _FusedHFForward(ForwardWrapper):
         kwargs.pop("logits_to_keep", None)
         kwargs.pop("return_dict", None)
         hf = self.module
-        outputs = hf.model(**kwargs)
-        hidden = outputs[0]  # (B, T, D)
-        softcap = getattr(hf.config, "final_logit_softcapping", None)
+        family = hf_family(hf)
+        if family is None:  # parts moved since the patch (a replaced head): keep Hugging Face's own path
+            return self.inner(**kwargs)
+        outputs = family.decoder(hf)(**kwargs)
+        hidden = outputs[0]  # (B, T, D), after the final norm
+        head = family.head(hf)
         reduction = "sum" if num_items is not None else "mean"
         loss = linear_cross_entropy(
-            hidden, hf.lm_head.weight, labels, bias=hf.lm_head.bias, shift=True, softcap=softcap,
+            hidden, head.weight, labels, bias=head.bias, shift=True, softcap=family.logit_softcap(hf.config),
             reduction=reduction, **_fused_kwargs(config),
         )
         if num_items is not None:  # Hugging Face's convention under gradient accumulation
@@ -155,14 +173,38 @@ class _FusedHFForward(ForwardWrapper):
         return out
 
 
-def _as_keywords(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _innermost_forward(fn: Any, module: Optional[nn.Module] = None) -> Any:
+    """The model's real ``forward`` behind ``fn``: the chain of technique wrappers
+    (:class:`~lightning_memkit.techniques.ForwardWrapper`, whose signature is ``(*args, **kwargs)``) is
+    walked down to its innermost callable; when that still takes only ``*args``/``**kwargs`` (another
+    library's wrapper), the class's ``forward`` bound to ``module`` is used."""
     import inspect
 
-    bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    while isinstance(fn, ForwardWrapper):
+        fn = fn.inner
+    if module is not None:
+        kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
+        if kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+            fn = type(module).forward.__get__(module, type(module))
+    return fn
+
+
+def _as_keywords(fn: Any, args: tuple, kwargs: dict[str, Any],
+                 module: Optional[nn.Module] = None) -> Optional[dict[str, Any]]:
+    """``args`` and ``kwargs`` as keyword arguments of the real forward behind ``fn`` (see
+    :func:`_innermost_forward`): ``model(ids, mask, labels=ids)`` gives ``input_ids``, ``attention_mask``,
+    ``labels``. None when a positional argument lands in the forward's ``*args`` (it has no name)."""
+    import inspect
+
+    bound = inspect.signature(_innermost_forward(fn, module)).bind_partial(*args, **kwargs)
     out: dict[str, Any] = {}
     for name, value in bound.arguments.items():
-        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
         else:
             out[name] = value
     return out
@@ -170,10 +212,7 @@ def _as_keywords(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]
 
 def patch_hf_causal_lm(module: nn.Module) -> bool:
     """Route ``module.forward(labels=...)`` through the fused loss while the toggle is active."""
-    if find_forward_wrapper(module, _FusedHFForward) is not None:
-        return False
-    wrap_forward(module, lambda inner, had: _FusedHFForward(module, inner, had))
-    return True
+    return wrap_forward_once(module, _FusedHFForward, lambda inner, had: _FusedHFForward(module, inner, had))
 
 
 def unpatch_hf_causal_lm(module: nn.Module) -> None:

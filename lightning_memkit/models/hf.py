@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memkit._imports import require
+from lightning_memkit.models.families import HF_FAMILIES
 
 #: Families tested against the adapter. Others with the same layout (model.layers, model.norm,
 #: lm_head) work too; the adapter checks the layout, not the name.
@@ -51,6 +52,17 @@ class HFCausalLM(nn.Module):
     @property
     def lm_head(self) -> nn.Linear:
         return self.hf.lm_head
+
+    @property
+    def logit_softcap(self) -> Optional[float]:
+        """The final-logit softcap c the model's own forward applies (Gemma 2: ``c * tanh(logits / c)``), or None;
+        the fused loss (:func:`~lightning_memkit.loss.causal_lm_loss`) applies it too."""
+        config = self.hf.config
+        family = HF_FAMILIES.get(getattr(config, "model_type", None))
+        if family is not None:
+            return family.logit_softcap(config)
+        value = getattr(config, "final_logit_softcapping", None)
+        return None if value is None else float(value)
 
     @property
     def embed_tokens(self) -> nn.Embedding:

@@ -28,6 +28,8 @@ from lightning_memkit.optim.projectors import check_rank
 MIN_8BIT_SIZE = 4096
 #: values per slice of a dense update (a multiple of the 8-bit block size)
 DENSE_CHUNK = 1 << 22
+#: the first index of frozen parameters (see ``MemKitOptimizer._next_index``), above any trainable one
+FROZEN_INDEX = 1 << 40
 
 
 class MemKitOptimizer(torch.optim.Optimizer):
@@ -75,6 +77,7 @@ class MemKitOptimizer(torch.optim.Optimizer):
         self._names = dict(names or {})
         self._group_of: dict[Tensor, dict[str, Any]] = {}
         self._index: dict[Tensor, int] = {}
+        self._counts = [0, 0]  # trainable and frozen parameters numbered so far (see _next_index)
         self._lowrank: set[Tensor] = set()
         self._auto_lowrank = lowrank_params is None
         self._projectors: dict[Tensor, Any] = {}
@@ -96,14 +99,27 @@ class MemKitOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         for p in group["params"]:
             self._group_of[p] = group
-            self._index[p] = len(self._index)
+            self._index[p] = self._next_index(p)
             if self._auto_lowrank and group["lowrank"] and p.ndim == 2:
                 self._check_lowrank(p, group)
                 self._lowrank.add(p)
 
     # ----- bookkeeping ------------------------------------------------------------------------------
+    def _next_index(self, p: Tensor) -> int:
+        """``p``'s index, which seeds its random projection (APOLLO, FRUGAL): trainable parameters are numbered
+        0, 1, ... in order and frozen ones (``requires_grad=False``) from :data:`FROZEN_INDEX`, so frozen
+        parameters in the groups change no trainable parameter's seed: the optimizer trains exactly as one
+        built over the trainable parameters alone."""
+        frozen = not p.requires_grad
+        index = FROZEN_INDEX * frozen + self._counts[frozen]
+        self._counts[frozen] += 1
+        return index
+
     def param_name(self, p: Tensor) -> str:
-        return self._names.get(p, f"parameter {self._index.get(p, '?')} of shape {tuple(p.shape)}")
+        index = self._index.get(p)
+        where = ("?" if index is None else f"{index}" if index < FROZEN_INDEX
+                 else f"{index - FROZEN_INDEX} (frozen)")
+        return self._names.get(p, f"parameter {where} of shape {tuple(p.shape)}")
 
     def is_lowrank(self, p: Tensor) -> bool:
         return p in self._lowrank

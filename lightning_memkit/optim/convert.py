@@ -2,7 +2,9 @@
 
 :func:`read_optimizer` reads ``torch.optim.AdamW`` / ``torch.optim.Adam`` (without L2 weight decay,
 AMSGrad or maximize, which have no memkit equivalent) and refuses anything else with the reason.
-:func:`select_lowrank` picks the weights for the low-rank rule by module-name patterns.
+:func:`select_lowrank` picks the weights for the low-rank rule by module-name patterns: trainable ones only
+(frozen weights take no step), and not PEFT's LoRA factors unless a pattern names them (they are low-rank
+already, so AdamW updates them).
 :func:`convert_optimizer` builds the new optimizer over the *same* param group dicts (same order,
 learning rates, betas, eps, weight decay and every other key, e.g. ``initial_lr``; the keys only
 torch's Adam has are removed), so every LR scheduler built on the old optimizer -- nested ones such
@@ -85,25 +87,61 @@ def linear_weights_in_blocks(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) and id(m) in inside}
 
 
-def select_lowrank(module: nn.Module, patterns: Optional[tuple[str, ...]]) -> dict[Tensor, str]:
-    """param -> name of the 2-D weights that get the low-rank rule.
+#: names PEFT gives the modules / parameter dicts of LoRA's two factors (``q_proj.lora_A.default``, ...)
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
-    ``patterns=None``: the weights of every ``nn.Linear`` inside the transformer blocks (so embeddings,
-    the LM head, norms and biases stay dense, as in the papers). Otherwise the 2-D ``weight`` of every
-    module whose name matches a pattern (fnmatch); a pattern that matches none raises, listing
-    candidates.
+
+def is_lora_name(name: str) -> bool:
+    """Whether ``name`` (a module or parameter name) lies inside a PEFT LoRA factor (``lora_A`` / ``lora_B`` /
+    ``lora_embedding_A`` / ``lora_embedding_B``)."""
+    return any(part in LORA_PARTS for part in name.split("."))
+
+
+def lora_weights(module: nn.Module) -> dict[Tensor, str]:
+    """param -> name of the trainable PEFT LoRA factors of ``module`` (already low-rank: they stay on AdamW unless
+    ``optimizer.target_modules`` names them)."""
+    return {p: name for name, p in module.named_parameters() if p.requires_grad and is_lora_name(name)}
+
+
+def _two_d_weights(module: nn.Module) -> dict[str, tuple[Tensor, str]]:
+    """module name -> (2-D weight, its parameter name) of every module with one (a PEFT layer's ``weight`` is its
+    base layer's), and of every 2-D entry of PEFT's ``lora_embedding_A`` / ``lora_embedding_B`` parameter dicts
+    (named ``<dict>.<adapter>``, a name that is both)."""
+    found: dict[str, tuple[Tensor, str]] = {}
+    for name, m in module.named_modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.ndim == 2:
+            found[name] = (weight, f"{name}.weight")
+        if isinstance(m, nn.ParameterDict) and name.rsplit(".", 1)[-1] in LORA_PARTS:
+            found.update({f"{name}.{key}": (p, f"{name}.{key}") for key, p in m.items() if p.ndim == 2})
+    return found
+
+
+def select_lowrank(module: nn.Module, patterns: Optional[tuple[str, ...]]) -> dict[Tensor, str]:
+    """param -> name of the trainable 2-D weights that get the low-rank rule.
+
+    Frozen weights (``requires_grad=False``) are never chosen: they take no step. ``patterns=None``:
+    the weights of every ``nn.Linear`` inside the transformer blocks (so embeddings, the LM head, norms
+    and biases stay dense, as in the papers), except PEFT's LoRA factors (``lora_A`` / ``lora_B``),
+    which are low-rank already and stay on AdamW. Otherwise the 2-D weight of every module whose name
+    matches a pattern (fnmatch), LoRA factors included when a pattern names them; a pattern that
+    matches no module, or only frozen weights, raises, listing candidates.
+
+    Raises:
+        MemKitConfigError: no linear layer in the blocks (``patterns=None``); a pattern that matches no
+            module with a 2-D weight, or only frozen ones.
     """
     if patterns is None:
-        chosen = linear_weights_in_blocks(module)
-        if not chosen:
+        linears = linear_weights_in_blocks(module)
+        if not linears:
             raise MemKitConfigError(
                 "optimizer: found no nn.Linear inside transformer blocks to give the low-rank rule (no block list "
                 "recognized, or blocks without linear layers). Fix: name the modules with optimizer.target_modules, "
                 "e.g. ['*.q_proj', '*.fc*'], or declare the blocks with a memkit_blocks() method."
             )
-        return {m.weight: f"{name}.weight" for name, m in chosen.items()}
-    candidates = {name: m for name, m in module.named_modules()
-                  if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.ndim == 2}
+        return {m.weight: f"{name}.weight" for name, m in linears.items()
+                if m.weight.requires_grad and not is_lora_name(name)}
+    candidates = _two_d_weights(module)
     result: dict[Tensor, str] = {}
     for pattern in patterns:
         hits = [name for name in candidates if fnmatch.fnmatchcase(name, pattern)]
@@ -113,8 +151,19 @@ def select_lowrank(module: nn.Module, patterns: Optional[tuple[str, ...]]) -> di
                 f"optimizer.target_modules pattern {pattern!r} matches no module with a 2-D weight. Candidates: "
                 f"{sample}. Fix: a pattern such as '*{list(candidates)[0].rsplit('.', 1)[-1] if candidates else 'proj'}'."
             )
-        for name in hits:
-            result[candidates[name].weight] = f"{name}.weight"
+        trainable = [name for name in hits if candidates[name][0].requires_grad]
+        if not trainable:
+            lora = any(is_lora_name(n) for n in candidates)
+            hint = "the LoRA factors of this PEFT model, ['*.lora_A.*', '*.lora_B.*'], or " if lora else ""
+            raise MemKitConfigError(
+                f"optimizer.target_modules pattern {pattern!r} matches only frozen weights (requires_grad=False): "
+                f"{', '.join(hits[:4])}{', ...' if len(hits) > 4 else ''}. A frozen weight takes no optimizer step, so "
+                f"the pattern would choose nothing. Fix: name trainable modules ({hint}modules you do not freeze), "
+                "or drop the pattern."
+            )
+        for name in trainable:
+            weight, param_name = candidates[name]
+            result.setdefault(weight, param_name)
     return result
 
 
@@ -125,7 +174,8 @@ def convert_optimizer(optimizer: torch.optim.Optimizer, config: OptimizerConfig,
     Args:
         optimizer: what ``configure_optimizers`` returned.
         config: the optimizer settings.
-        lowrank: param -> name of the weights that get the low-rank rule (those in this optimizer are used).
+        lowrank: param -> name of the weights that get the low-rank rule (the trainable ones in this optimizer
+            are used).
         names: param -> name of every parameter, for messages.
     """
     groups, defaults = read_optimizer(optimizer)
@@ -138,7 +188,7 @@ def convert_optimizer(optimizer: torch.optim.Optimizer, config: OptimizerConfig,
                                 f"{sorted([*OPTIMIZER_CLASSES, *BNB_OPTIMIZERS])}.")
     kwargs = config.optimizer_kwargs()
     if config.name != "adamw":
-        kwargs["lowrank_params"] = [p for p in lowrank if p in params]
+        kwargs["lowrank_params"] = [p for p in lowrank if p in params and p.requires_grad]  # frozen: no step
     all_names = {**(names or {}), **lowrank}
     try:
         return cls(groups, **defaults, names=all_names, **kwargs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,8 @@ from lightning_memkit.techniques import Technique
 
 #: optimizers that keep 8-bit states through bitsandbytes
 EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "galore_adamw8bit")
+#: optimizers without a low-rank rule (every parameter dense)
+_DENSE_ONLY = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
 class OptimizerTechnique(Technique):
@@ -32,13 +34,27 @@ class OptimizerTechnique(Technique):
         self._names: dict[Tensor, str] = {}
         self._wrapped: list[Any] = []
         self._lowered: list[int] = []  # the ranks the default was lowered to, one per narrower weight
+        self._trainable = 0  # trainable tensors: the module's at setup, then those the converted optimizers hold
+        self._frozen = 0  # the module's frozen tensors (requires_grad=False): no step, no state, never low-rank
+        self._lora: dict[Tensor, str] = {}  # PEFT LoRA factors left on AdamW (low-rank already)
+        self._held_lowrank: Optional[int] = None  # low-rank weights the converted optimizers hold (after conversion)
 
     def describe(self) -> str:
-        extra = f", {len(self._lowrank)} low-rank weights" if self._lowrank else ""
+        """The setup line: the trainable tensors the optimizer holds (the frozen ones left out), how many get
+        the low-rank rule, and why LoRA factors do not."""
+        text = f"optimizer {self.config.name}: {self._trainable} trainable tensors"
+        if self._frozen:
+            text += f" ({self._frozen} frozen left out)"
+        if self.config.name not in _DENSE_ONLY:
+            lowrank = len(self._lowrank) if self._held_lowrank is None else self._held_lowrank
+            text += f", {lowrank} low-rank"
+            if self._lora:
+                text += (f"; {len(self._lora)} LoRA factors (lora_A/lora_B) are low-rank already and are updated by "
+                         "AdamW (name them in optimizer.target_modules to change that)")
         if self._lowered:
-            extra += (f" (default rank {self.default_rank()} lowered to min(m, n) on {len(self._lowered)} narrower "
-                      f"weights, down to {min(self._lowered)})")
-        return f"optimizer {self.config.name}{extra}" + (" (step in backward)" if self.config.in_backward else "")
+            text += (f" (default rank {self.default_rank()} lowered to min(m, n) on {len(self._lowered)} narrower "
+                     f"weights, down to {min(self._lowered)})")
+        return text + (" (step in backward)" if self.config.in_backward else "")
 
     def default_rank(self) -> int:
         """The optimizer class's own default rank (used when ``optimizer.rank`` is unset)."""
@@ -82,11 +98,15 @@ class OptimizerTechnique(Technique):
             )
 
     def setup_module(self, module: nn.Module) -> None:
-        from lightning_memkit.optim.convert import select_lowrank
+        from lightning_memkit.optim.convert import lora_weights, select_lowrank
 
         self._names = {p: n for n, p in module.named_parameters()}
-        if self.config.name not in ("adamw", "adamw8bit", "paged_adamw8bit"):
+        self._trainable = sum(p.requires_grad for p in self._names)
+        self._frozen = len(self._names) - self._trainable
+        self._held_lowrank = None
+        if self.config.name not in _DENSE_ONLY:
             self._lowrank = select_lowrank(module, self.config.target_modules)
+            self._lora = {p: n for p, n in lora_weights(module).items() if p not in self._lowrank}
             if self.config.rank is None:  # the default rank is lowered to fit each narrower weight (see DefaultRank)
                 default = self.default_rank()
                 self._lowered = [min(p.shape) for p in self._lowrank if p.ndim == 2 and min(p.shape) < default]
@@ -104,7 +124,22 @@ class OptimizerTechnique(Technique):
                 converted = StepInBackward(converted)
                 self._wrapped.append(converted)
             new.append(converted)
+        self._count_held(new)
         return new
+
+    def _count_held(self, optimizers: list[Any]) -> None:
+        """Count what the converted optimizers hold; when it is not what the setup line said (the optimizer
+        leaves some trainable tensors out), say so."""
+        held = {p for opt in optimizers for g in opt.param_groups for p in g["params"] if p.requires_grad}
+        before = self.describe()
+        self._trainable = len(held)
+        self._held_lowrank = sum(p in held for p in self._lowrank)
+        self._lora = {p: n for p, n in self._lora.items() if p in held}
+        after = self.describe()
+        if after != before:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            rank_zero_info(f"memkit: the converted optimizers hold {after}")
 
     def teardown(self, module: nn.Module) -> None:
         for wrapper in self._wrapped:

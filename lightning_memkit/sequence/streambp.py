@@ -141,10 +141,11 @@ class StreamBP:
             del loss, normed, params
             normed_grad = grads[0]
             head = ad.lm_head  # inside the backward: the parameters' aliases, which collect the gradients
-            for name, g in zip(self.head_names, grads[1:]):
+            for name, g in zip(self.head_names, grads[1:]):  # none when the head is frozen (LoRA, lm_head off)
                 alias = getattr(head, name)
                 alias.grad = g if alias.grad is None else alias.grad + g
-            del grads, g
+                del g
+            del grads
             for s, e in self.spans:
                 x = self.last[:, s:e].detach().requires_grad_()
                 torch.autograd.backward(ad.final_norm(x), normed_grad[:, s:e])

@@ -4,7 +4,10 @@
 :func:`~lightning_memkit.loss.causal_lm_loss` asks :func:`active_sequence` first; Hugging Face
 ``*ForCausalLM`` models called with ``labels=`` get their ``forward`` wrapped for the fit
 (:func:`patch_hf_forward`): the loss comes from :func:`~lightning_memkit.sequence.sequence_loss` and
-the output's ``logits`` is ``None``.
+the output's ``logits`` is ``None`` (with ``return_dict=False``: the tuple ``(loss,)``). Positional
+arguments are named by the model class's own ``forward``; ``attention_mask`` (no padding),
+``position_ids`` (0..T-1), ``num_items_in_batch`` and ``logits_to_keep`` (the loss covers every
+position, as Hugging Face's does with labels) are accepted.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_memkit.config import SequenceConfig
 from lightning_memkit.sequence.core import BlockCall, direct_call
-from lightning_memkit.techniques import ForwardWrapper, find_forward_wrapper, unwrap_forward, wrap_forward
+from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward_once
 
 
 class SequenceRuntime:
@@ -76,6 +79,12 @@ def use_sequence(runtime: Optional[SequenceRuntime]) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+#: the Hugging Face forward arguments the sequence methods honour (checked or equal to what they do); any other
+#: argument given a value is refused, naming it
+_DRIVEN_ARGUMENTS = ("input_ids", "labels", "attention_mask", "position_ids", "num_items_in_batch", "use_cache",
+                     "return_dict", "logits_to_keep")
+
+
 class _SequenceHFForward(ForwardWrapper):
     """Replaces a HF ``*ForCausalLM.forward``: called with labels while the toggle is active, the loss
     comes from the sequence method and no logits are returned."""
@@ -90,26 +99,37 @@ class _SequenceHFForward(ForwardWrapper):
             return self.inner(*args, **kwargs)
         from lightning_memkit.loss.toggle import _as_keywords
 
-        if args:
-            kwargs = _as_keywords(self.inner, args, kwargs)
+        if args:  # named by the model's own forward signature (not the wrappers' (*args, **kwargs))
+            named = _as_keywords(self.inner, args, kwargs, self.module)
+            if named is None:
+                raise ValueError(
+                    f"sequence={runtime.config.method!r} could not name the {len(args)} positional argument(s) of "
+                    f"{type(self.module).__name__}.forward (it takes *args). Fix: pass input_ids= and labels= by "
+                    "keyword, or train without sequence=."
+                )
+            kwargs = named
         labels = kwargs.get("labels")
         if labels is None:
             return self.inner(**kwargs)
-        if kwargs.get("return_dict") is False:
-            raise ValueError(
-                f"sequence={runtime.config.method!r} returns the loss in a CausalLMOutputWithPast; the call asked "
-                "for return_dict=False. Fix: call the model with return_dict left at its default."
-            )
-        extra = sorted(
-            k for k, v in kwargs.items()
-            if v is not None and k not in ("input_ids", "labels", "attention_mask", "num_items_in_batch", "use_cache",
-                                           "return_dict", "logits_to_keep")
-        )
+        extra = sorted(k for k, v in kwargs.items() if v is not None and k not in _DRIVEN_ARGUMENTS)
         if extra:
             raise ValueError(
                 f"sequence={runtime.config.method!r} drives the model from input_ids and labels only, but the call "
                 f"also passed {extra}. Fix: call the model with input_ids and labels (right padding marked -100 in "
                 "the labels), or train without sequence=."
+            )
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                f"sequence={runtime.config.method!r} needs the token ids; the call passed labels without input_ids. "
+                "Fix: pass input_ids (inputs_embeds is not supported), or train without sequence=."
+            )
+        positions = kwargs.get("position_ids")
+        if positions is not None and not _default_positions(positions, input_ids):
+            raise ValueError(
+                f"sequence={runtime.config.method!r} got position_ids other than 0..T-1 in every row (packed or "
+                "shifted positions); the sequence methods place token t at position t. Fix: leave position_ids out, "
+                "or train without sequence=."
             )
         mask = kwargs.get("attention_mask")
         if mask is not None and not bool(mask.bool().all()):
@@ -118,7 +138,6 @@ class _SequenceHFForward(ForwardWrapper):
                 "causal attention to the whole row. Fix: pad on the right and mark the padding -100 in the labels "
                 "(causal attention never lets earlier tokens see it), or train without sequence=."
             )
-        input_ids = kwargs["input_ids"]
         num_items = kwargs.get("num_items_in_batch")
         if num_items is None:
             loss = runtime.loss(self.module, input_ids, labels, ignore_index=-100, shift=True)
@@ -127,15 +146,20 @@ class _SequenceHFForward(ForwardWrapper):
             loss = loss / (num_items.to(loss.device) if isinstance(num_items, Tensor) else num_items)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(loss=loss, logits=None)
+        out = CausalLMOutputWithPast(loss=loss, logits=None)
+        # return_dict=False: Hugging Face's tuple without its None fields, here (loss,)
+        return out.to_tuple() if kwargs.get("return_dict") is False else out
+
+
+def _default_positions(positions: Tensor, input_ids: Tensor) -> bool:
+    """``positions`` ((T,), (1, T) or (B, T)) is 0..T-1 in every row, the positions the methods use."""
+    expected = torch.arange(input_ids.shape[1], device=positions.device)
+    return positions.shape[-1] == input_ids.shape[1] and bool((positions == expected).all())
 
 
 def patch_hf_forward(module: nn.Module) -> bool:
     """Route ``module.forward(labels=...)`` through the sequence method while the toggle is active."""
-    if find_forward_wrapper(module, _SequenceHFForward) is not None:
-        return False
-    wrap_forward(module, lambda inner, had: _SequenceHFForward(module, inner, had))
-    return True
+    return wrap_forward_once(module, _SequenceHFForward, lambda inner, had: _SequenceHFForward(module, inner, had))
 
 
 def unpatch_hf_forward(module: nn.Module) -> None:

@@ -109,3 +109,26 @@ def test_find_blocks_structural_and_declared():
     # nested containers: only the outermost block list counts
     outer = nn.ModuleList(nn.Sequential(nn.Linear(2, 2), nn.ReLU()) for _ in range(3))
     assert find_blocks(nn.ModuleDict({"x": outer})) == list(outer)
+
+
+def test_checkpointing_a_hugging_face_model_turns_its_kv_cache_off_and_back():
+    """A checkpointed block recomputed in backward would write the KV cache twice (with a padded mask: a shape
+    error); the cache is off while the technique is installed, and restored at teardown."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_memkit.activations.checkpoint import CheckpointTechnique
+    from lightning_memkit.config import ActivationsConfig
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    assert model.config.use_cache is True
+    technique = CheckpointTechnique(ActivationsConfig(checkpoint="blocks"))
+    technique.setup_module(model)
+    assert model.config.use_cache is False
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    model(ids, attention_mask=mask, labels=labels).loss.backward()  # a shape error in backward with the cache on
+    technique.teardown(model)
+    assert model.config.use_cache is True

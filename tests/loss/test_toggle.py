@@ -215,3 +215,21 @@ def test_head_present_but_loss_not_fused_warns_once(trainer_kwargs):
     with pytest.warns(UserWarning, match="computed its loss without it") as record:
         pl.Trainer(strategy="memkit", **{**trainer_kwargs, "max_steps": 2, "limit_val_batches": 0}).fit(OwnLoss(model="tiny"))
     assert sum("without it" in str(w.message) for w in record) == 1
+
+
+def test_positional_arguments_named_by_the_class_forward_behind_any_wrapper():
+    """Another library's ``(*args, **kwargs)`` wrapper under the fused one (accelerate hooks, a user's decorator):
+    the positional arguments are still named by ``LlamaForCausalLM.forward``."""
+    from lightning_memkit.loss.toggle import _as_keywords, patch_hf_causal_lm
+
+    lm = _tiny_llama()
+    ids = torch.randint(0, 97, (2, 12))
+    expected = lm(input_ids=ids, labels=ids).loss
+    inner = lm.forward
+    lm.forward = lambda *args, **kwargs: inner(*args, **kwargs)
+    patch_hf_causal_lm(lm)
+    with use_cross_entropy(CrossEntropyConfig(chunk_size=8)):
+        out = lm(ids, torch.ones_like(ids), labels=ids)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+    assert _as_keywords(lambda *a, **k: None, (ids,), {}) is None  # unnamed: the caller keeps the call as it is

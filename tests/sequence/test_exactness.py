@@ -28,13 +28,15 @@ def _batch(vocab, b=2, t=45, pad=7, seed=0):
     return ids, labels
 
 
-def _full(model, ids, labels):
-    model.zero_grad(set_to_none=True)
+def _full(model, ids, labels, params=None):
+    """Plain backprop; ``model`` maps ids to logits (``params``: the module, when ``model`` is a function)."""
+    params = model if params is None else params
+    params.zero_grad(set_to_none=True)
     logits = model(ids)
     loss = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
                            labels.flatten(), ignore_index=-100)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {n: p.grad.clone() for n, p in params.named_parameters() if p.grad is not None}
 
 
 def _chunked(model, ids, labels, **kwargs):
@@ -156,6 +158,28 @@ def test_frozen_parameters_get_no_gradient(fp32_model):
                 torch.testing.assert_close(p.grad, exact[n], rtol=1e-4, atol=1e-6)
             else:
                 assert p.grad is None, n
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("method", ["streambp", "seco", "spaco"])  # SpaCO with keep=1 back-propagates every chunk
+def test_frozen_head_embeddings_and_blocks(method, fused):
+    """A frozen LM head (PEFT LoRA, lm_head.requires_grad_(False)), frozen embeddings, frozen blocks: the trainable
+    parameters get plain backprop's gradients (StreamBP with the fused loss crashed on a head with nothing to train)."""
+    from lightning_memkit.config import CrossEntropyConfig
+
+    ids, labels = _batch(101, t=30)
+    ce = CrossEntropyConfig(impl="chunked") if fused else None
+    for frozen in (["lm_head"], ["model.embed_tokens"], ["lm_head", "model.embed_tokens", "model.layers.0"]):
+        torch.manual_seed(0)
+        hf = tiny_hf("llama").train()
+        for name in frozen:
+            hf.get_submodule(name).requires_grad_(False)
+        _, exact = _full(lambda x: hf(input_ids=x).logits, ids, labels, hf)
+        loss, grads = _chunked(hf, ids, labels, method=method, chunk_size=8, cross_entropy=ce,
+                               keep=1.0 if method == "spaco" else None)
+        assert set(grads) == set(exact) == {n for n, p in hf.named_parameters() if p.requires_grad}, frozen
+        for name in exact:
+            torch.testing.assert_close(grads[name], exact[name], rtol=1e-4, atol=1e-6, msg=f"{frozen} {name}")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

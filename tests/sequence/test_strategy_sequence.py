@@ -186,6 +186,29 @@ def test_padding_through_an_attention_mask_is_refused_with_the_fix():
                                                          ids[:, 1:].flatten()))
 
 
+def test_positional_arguments_named_by_the_models_own_signature_under_both_wrappers():
+    """hf(ids, mask, labels=ids) with the fused loss and the sequence method both on: the positional arguments are
+    named by LlamaForCausalLM.forward, not by the fused wrapper's (*args, **kwargs) (which made them 'args')."""
+    from lightning_memkit.config import CrossEntropyConfig, SequenceConfig
+    from lightning_memkit.loss.toggle import patch_hf_causal_lm, use_cross_entropy
+    from lightning_memkit.sequence.toggle import SequenceRuntime, patch_hf_forward, use_sequence
+
+    hf = tiny_hf("llama")
+    ids = torch.randint(0, 101, (2, 12))
+    expected = hf(input_ids=ids, labels=ids).loss
+    patch_hf_causal_lm(hf)  # the strategy's order: the fused wrapper inside, the sequence wrapper outside
+    patch_hf_forward(hf)
+    with use_cross_entropy(CrossEntropyConfig()), use_sequence(SequenceRuntime(SequenceConfig(method="streambp"))):
+        for out in (hf(ids, labels=ids), hf(ids, torch.ones_like(ids), labels=ids),
+                    hf(ids, torch.ones_like(ids), torch.arange(12)[None], labels=ids)):
+            assert out.logits is None
+            torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="position_ids other than 0..T-1"):
+            hf(input_ids=ids, position_ids=torch.arange(1, 13)[None], labels=ids)
+        (loss,) = hf(ids, labels=ids, return_dict=False)  # Hugging Face's tuple without its None fields
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["streambp", "seco"])
 def test_bf16_mixed_precision(method, corpus):
     """Lightning's bf16-mixed (autocast in the forward only) trains with the sequence methods."""
