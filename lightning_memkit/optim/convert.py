@@ -78,13 +78,23 @@ def _check_group_numbers(where: str, group: dict[str, Any]) -> None:
                      fix=fix.format(what="a number in [0, 1), e.g. betas=(0.9, 0.999),"))
 
 
+def is_linear_layer(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2's linear layer: the same product with the weight stored
+    transposed, (in, out)); the low-rank rules act on any 2-D weight, whichever side is the longer."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+            and isinstance(weight, Tensor) and weight.ndim == 2)
+
+
 def linear_weights_in_blocks(module: nn.Module) -> dict[str, nn.Module]:
-    """name -> nn.Linear for every linear layer inside the model's transformer blocks."""
+    """name -> linear layer (:func:`is_linear_layer`) for every linear layer inside the model's transformer blocks."""
     from lightning_memkit.models.interface import find_blocks
 
     blocks = find_blocks(module)
     inside = {id(m) for block in blocks for m in block.modules()}
-    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) and id(m) in inside}
+    return {name: m for name, m in module.named_modules() if is_linear_layer(m) and id(m) in inside}
 
 
 #: names PEFT gives the modules / parameter dicts of LoRA's two factors (``q_proj.lora_A.default``, ...)
@@ -135,8 +145,8 @@ def select_lowrank(module: nn.Module, patterns: Optional[tuple[str, ...]]) -> di
         linears = linear_weights_in_blocks(module)
         if not linears:
             raise MemKitConfigError(
-                "optimizer: found no nn.Linear inside transformer blocks to give the low-rank rule (no block list "
-                "recognized, or blocks without linear layers). Fix: name the modules with optimizer.target_modules, "
+                "optimizer: found no nn.Linear inside transformer blocks (nor GPT-2's Conv1D) to give the low-rank "
+                "rule (no block list recognized, or blocks without linear layers). Fix: name the modules with optimizer.target_modules, "
                 "e.g. ['*.q_proj', '*.fc*'], or declare the blocks with a memkit_blocks() method."
             )
         return {m.weight: f"{name}.weight" for name, m in linears.items()

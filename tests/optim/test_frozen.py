@@ -303,3 +303,42 @@ def test_qlora_trains_the_lora_factors_and_never_picks_a_4bit_weight(optimizer, 
     assert sorted(technique.lowrank_names) == sorted(expected)
     assert not {f"model.hf.{n}" for n in four_bit} & set(technique.lowrank_names)
 
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "apollo_mini", "frugal"])
+def test_gpt2_conv1d_weights_get_the_low_rank_rule(name, tmp_path):
+    """GPT-2's blocks are built of Hugging Face's Conv1D (the weight stored (in, out)): by default the low-rank
+    optimizers take them as they take nn.Linear layers (before, GPT-2 was refused: no nn.Linear in its blocks)."""
+    transformers = pytest.importorskip("transformers")
+    import lightning.pytorch as pl
+
+    from lightning_memkit import MemKitStrategy
+
+    config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+
+    class GPT2Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = transformers.GPT2LMHeadModel(config)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    module = GPT2Module()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    data = torch.utils.data.DataLoader(torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)),
+                                       batch_size=2)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=MemKitStrategy(optimizer={"name": name, "rank": 4}),
+                         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, data)
+    technique = trainer.strategy.techniques[-1]
+    chosen = technique.lowrank_names
+    # 4 Conv1D layers per block (c_attn, c_proj, mlp.c_fc, mlp.c_proj), 2 blocks; embeddings and head stay dense
+    assert len(chosen) == 8 and all(n.startswith("model.transformer.h.") for n in chosen), chosen
+    for n, p in module.named_parameters():
+        assert torch.isfinite(p).all() and not torch.equal(p, before[n]), n
