@@ -92,8 +92,13 @@ def _check_hf_module(module: nn.Module, where: str) -> nn.Module:
 def _load_checkpoint(path: str) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # hyperparameters of a type the safe loader refuses: the user's own file
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as error:  # never unpickle arbitrary objects behind the user's back
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MemKitConfigError(
+            f"ckpt={path!r} holds objects that torch.load(weights_only=True) refuses ({first}), e.g. hyperparameters "
+            "of a custom type. Fix: if you trust the file, allow those types with "
+            "torch.serialization.add_safe_globals([...]) before exporting, or save plain values as hyperparameters."
+        ) from error
 
 
 def _read_checkpoint(ckpt_path: str) -> dict[str, Any]:

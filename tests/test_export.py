@@ -218,3 +218,16 @@ def test_zero3_checkpoint_folder_exports_the_trained_model(hf_dir, tmp_path):
     reloaded = _reload(exported)
     assert torch.equal(_logits(reloaded), fit["logits"])
     assert not torch.allclose(fit["logits"], _logits(_reload(hf_dir)))
+
+
+class _CustomSetting:
+    """A hyperparameter of a user's own type: torch.load(weights_only=True) refuses to unpickle it."""
+
+
+def test_a_checkpoint_the_safe_loader_refuses_is_not_unpickled(tmp_path):
+    from lightning_memkit import MemKitConfigError
+
+    path = tmp_path / "custom.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"setting": _CustomSetting()}}, path)
+    with pytest.raises(MemKitConfigError, match=r"weights_only=True\) refuses .*add_safe_globals"):
+        export_checkpoint(str(path), str(tmp_path / "out"))
