@@ -109,7 +109,7 @@ def verify_checksums(path: _PATH) -> None:
         )
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: str) -> None:
     """Make a rename in ``folder`` durable (POSIX; Windows cannot open a folder and needs nothing)."""
     if os.name != "posix":
         return
@@ -205,7 +205,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if os.path.exists(temp):
                 os.remove(temp)
             raise
-        _fsync_folder(folder)
+        fsync_folder(folder)
         for stale in temp_files(target):  # left by writes of this target that were killed
             try:
                 os.remove(stale)

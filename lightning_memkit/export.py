@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lightning_memkit._imports import require
+from lightning_memkit.checkpoint_io import AtomicCheckpointIO, unreadable_checkpoint
 from lightning_memkit.config import MemKitConfigError
 
 #: checkpoint key holding the PEFT configuration of a PEFT-wrapped model: ``{adapter_name: PeftConfig.to_dict()}``
@@ -90,8 +91,10 @@ def _check_hf_module(module: nn.Module, where: str) -> nn.Module:
 
 
 def _load_checkpoint(path: str) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memkit's checkpoint reader: CRC-checked, weights_only
+        return AtomicCheckpointIO().load_checkpoint(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError) as error:
+        raise MemKitConfigError(unreadable_checkpoint(path, error).replace("ckpt_path=", "ckpt=", 1)) from error
     except pickle.UnpicklingError as error:  # never unpickle arbitrary objects behind the user's back
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise MemKitConfigError(

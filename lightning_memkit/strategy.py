@@ -439,10 +439,14 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         return self._resume_from(checkpoint.get(CHECKPOINT_KEY), checkpoint, path)
 
     def _resume_from(self, saved: Optional[dict[str, Any]], checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
-        """Check (and with ``resume="weights"`` trim) a checkpoint this run is about to restore."""
+        """Check the settings a checkpoint records, then give what this run restores of it (see :meth:`_restored`)."""
         if not self._fitting():
             return checkpoint  # validate / test / predict restore weights only: settings do not matter
-        complete_epoch_end(checkpoint)  # an end-of-epoch checkpoint resumes at the next epoch's first batch
+        self._check_settings(saved, path)
+        return self._restored(checkpoint)
+
+    def _check_settings(self, saved: Optional[dict[str, Any]], path: str) -> None:
+        """Compare a checkpoint's settings with this run's before anything is restored (fitting only)."""
         if saved is not None and self.memory_budget is not None and "optimizer" in self._free_families \
                 and self.resume == "exact" \
                 and self._installed_on is None:  # DDP restores before setup; DeepSpeed after (then: checked only)
@@ -460,7 +464,13 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             self._weights_resume = True
             rank_zero_info(f"memkit resume='weights': restoring the model's weights from {path}; the optimizer state, "
                            "LR schedulers, step counter and data position start fresh.")
+
+    def _restored(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """What a fit restores of a checked checkpoint: the weights alone (``resume="weights"``), or everything,
+        with an end-of-epoch checkpoint set to resume at the next epoch's first batch."""
+        if self._weights_resume:
             return keep_weights_only(checkpoint)
+        complete_epoch_end(checkpoint)
         return checkpoint
 
     def _fitting(self) -> bool:

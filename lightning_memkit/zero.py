@@ -49,8 +49,8 @@ from lightning_memkit.config import (
     ZeroConfig,
     parse_zero,
 )
-from lightning_memkit.checkpoint_io import complete_epoch_end
-from lightning_memkit.resume import CHECKPOINT_KEY, keep_weights_only, read_zero_record, write_zero_record
+from lightning_memkit.checkpoint_io import fsync_folder
+from lightning_memkit.resume import CHECKPOINT_KEY, read_zero_record, write_zero_record
 from lightning_memkit.strategy import MemKitStrategy, _check_ddp_kwargs, ddp_arguments
 
 #: memkit optimizers whose update is element-wise, so they can step on DeepSpeed's flat partitions
@@ -474,21 +474,20 @@ class MemKitDeepSpeedStrategy(MemKitStrategy, DeepSpeedStrategy):
                     "replacing the old checkpoint and naming the new one. Fix: rename that folder to "
                     f"{os.path.basename(path)!r} and resume again.")
             return DeepSpeedStrategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)  # its error
+        if not self._fitting():
+            return DeepSpeedStrategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
         # the record is checked before DeepSpeed loads the optimizer partitions, maybe of another optimizer
         record = read_zero_record(path)
-        self._resume_from(record, {}, path)
-        if not self._weights_resume:
-            checkpoint = DeepSpeedStrategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
-            if record is None:  # written by an earlier memkit: its settings travel in the client state only
-                checkpoint = self._resume_from(checkpoint.get(CHECKPOINT_KEY), checkpoint, path)
-            elif self._fitting():
-                complete_epoch_end(checkpoint)  # as _resume_from does
-            return checkpoint
-        module = self.lightning_module
-        _, client_state = self.deepspeed_engine.load_checkpoint(  # the weights alone
-            path, load_optimizer_states=False, load_lr_scheduler_states=False,
-            load_module_strict=module.strict_loading)
-        return keep_weights_only(client_state or {})
+        self._check_settings(record, path)
+        if self._weights_resume:  # the weights alone
+            _, checkpoint = self.deepspeed_engine.load_checkpoint(
+                path, load_optimizer_states=False, load_lr_scheduler_states=False,
+                load_module_strict=self.lightning_module.strict_loading)
+            return self._restored(checkpoint or {})
+        checkpoint = DeepSpeedStrategy.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
+        if record is None:  # written by an earlier memkit: its settings travel in the client state only
+            self._check_settings(checkpoint.get(CHECKPOINT_KEY), path)
+        return self._restored(checkpoint)
 
     @override
     def _init_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
@@ -543,17 +542,9 @@ def _publish_folder(staging: str, target: str) -> None:
     elif os.path.exists(target):
         os.remove(target)
     os.replace(staging, target)
-    _fsync_folder(os.path.dirname(target))
+    fsync_folder(os.path.dirname(target))
     if os.path.exists(old):
         shutil.rmtree(old)
-
-
-def _fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_trainer_against_config(config: dict[str, Any], trainer: "pl.Trainer") -> None:

@@ -178,7 +178,8 @@ def fit(run: dict, devices: int, workdir: str) -> dict:
     return out
 
 
-def main() -> None:
+def main(run_fit=None) -> None:
+    """Parse the arguments and fit each run with ``run_fit(run, devices, workdir)`` (default: :func:`fit`)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--runs", required=True, help="JSON list of runs")
@@ -187,7 +188,7 @@ def main() -> None:
     workdir = os.path.dirname(os.path.abspath(args.out))
     results = {}
     for run in json.loads(args.runs):
-        results[run["name"]] = fit(run, args.devices, workdir)
+        results[run["name"]] = (run_fit or fit)(run, args.devices, workdir)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         torch.save(results, args.out)
 

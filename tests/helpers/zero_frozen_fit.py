@@ -12,9 +12,6 @@ empty, as every norm is frozen); ``"groups": "split"`` the same two groups over 
 the no-decay group then holds frozen parameters only).
 """
 
-import argparse
-import json
-import os
 
 import torch
 
@@ -51,26 +48,15 @@ class FrozenModule(zero_fit.Module):
         return super().configure_optimizers()
 
 
+def fit(run: dict, devices: int, workdir: str) -> dict:
+    """``zero_fit.fit`` with the run's freezing (its ``expect_error`` runs report their error themselves)."""
+    FREEZE["case"], FREEZE["groups"] = run.get("freeze"), run.get("groups")
+    return {**zero_fit.fit(run, devices, workdir), "frozen": FREEZE["frozen"], "trainable": FREEZE["trainable"]}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, required=True)
-    parser.add_argument("--runs", required=True, help="JSON list of runs")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    workdir = os.path.dirname(os.path.abspath(args.out))
     zero_fit.Module = FrozenModule
-    results = {}
-    for run in json.loads(args.runs):
-        FREEZE["case"], FREEZE["groups"] = run.get("freeze"), run.get("groups")
-        try:
-            results[run["name"]] = {**zero_fit.fit(run, args.devices, workdir), "frozen": FREEZE["frozen"],
-                                    "trainable": FREEZE["trainable"]}
-        except Exception as error:  # noqa: BLE001 - reported to the test with the run's name
-            if not run.get("expect_error"):
-                raise RuntimeError(f"run {run['name']!r} failed: {type(error).__name__}: {error}") from error
-            results[run["name"]] = {"error": f"{type(error).__name__}: {error}"}
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        torch.save(results, args.out)
+    zero_fit.main(fit)
 
 
 if __name__ == "__main__":
