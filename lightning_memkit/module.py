@@ -27,7 +27,7 @@ class CausalLMModule(pl.LightningModule):
     Args:
         model: a name from :data:`~lightning_memkit.models.NAMED_CONFIGS` (the reference model), used
             when ``hf_path`` is None.
-        hf_path: a local folder with a Hugging Face causal LM (Llama / Qwen2 / Mistral families).
+        hf_path: a local folder with a Hugging Face causal LM (the families of docs/models.md).
         vocab_size: override the named shape's vocabulary (the CLI links it to the data's tokenizer).
         max_seq_len: override the named shape's maximum sequence length.
         learning_rate, weight_decay, betas: AdamW settings (LightningCLI's ``--optimizer`` replaces

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_memkit import CausalLMModule, MemKitStrategy
 from lightning_memkit.config import MemKitConfigError
-from lightning_memkit.export import PEFT_CHECKPOINT_KEY, export_checkpoint, main
+from lightning_memkit.export import DTYPES, PEFT_CHECKPOINT_KEY, export_checkpoint, main
 from tests.helpers.export_fit import batch, loader
 
 transformers = pytest.importorskip("transformers")
@@ -198,26 +198,50 @@ def test_peft_checkpoint_exports_merged_or_adapters_only(hf_dir, tmp_path):
         export_checkpoint(tmp_path / "no_config.ckpt", tmp_path / "x")
 
 
-@pytest.mark.slow
-def test_zero3_checkpoint_folder_exports_the_trained_model(hf_dir, tmp_path):
-    """ZeRO-3 (DeepSpeed on one CPU process, in a subprocess): the sharded folder, consolidated, is the model."""
+ZERO_CASES = [  # (MemKitStrategy kwargs, helper arguments, --dtype of the export); ~7 s each, one process
+    pytest.param({"zero_stage": 1}, [], None, id="zero1"),
+    pytest.param({"zero_stage": 2}, [], None, id="zero2"),
+    # a torch optimizer stepping on the CPU partitions (cpu_adam=False: nothing JIT-compiles)
+    pytest.param({"zero_stage": 2, "offload_optimizer": "cpu", "cpu_adam": False}, [], None, id="zero2_offload"),
+    # really sharded (2 processes, a partition each), bf16: the module holds bf16 copies of the fp32 master weights,
+    # so the fp32 export differs from it and the bf16 export (the command line's --dtype bf16) equals it
+    pytest.param({"zero_stage": 2}, ["--devices", "2", "--precision", "bf16-mixed"], "bf16", id="zero2_bf16_2ranks",
+                 marks=pytest.mark.slow),
+    pytest.param({"zero_stage": 3}, [], None, id="zero3", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("strategy", "fit_args", "dtype"), ZERO_CASES)
+def test_zero_checkpoint_folder_exports_the_trained_model(strategy, fit_args, dtype, hf_dir, tmp_path, capsys):
+    """ZeRO-1/2/3 (DeepSpeed on CPU, in a subprocess): the sharded folder, consolidated, is the trained model."""
     pytest.importorskip("deepspeed")
     out = str(tmp_path / "fit.pt")
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "helpers", "export_fit.py"), "--hf-path", hf_dir,
-         "--strategy", json.dumps({"zero_stage": 3}), "--workdir", str(tmp_path / "ckpt"), "--out", out],
+         "--strategy", json.dumps(strategy), "--workdir", str(tmp_path / "ckpt"), "--out", out, *fit_args],
         capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
         env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     fit = torch.load(out, weights_only=True)
     assert fit["strategy"] == "MemKitDeepSpeedStrategy"
+    assert fit["backend"] == f"DeepSpeed ZeRO-{strategy['zero_stage']}" + (
+        " (optimizer on cpu)" if strategy.get("offload_optimizer") == "cpu" else "")
     ckpt = str(tmp_path / "ckpt" / "step=2.ckpt")
-    assert os.path.isdir(os.path.join(ckpt, "checkpoint"))
-    exported = export_checkpoint(ckpt, tmp_path / "export")
-    reloaded = _reload(exported)
-    assert torch.equal(_logits(reloaded), fit["logits"])
+    shards = [f for f in os.listdir(os.path.join(ckpt, "checkpoint")) if f.endswith("optim_states.pt")]
+    ranks = int(fit_args[fit_args.index("--devices") + 1]) if "--devices" in fit_args else 1
+    assert len(shards) == ranks, shards  # one optimizer partition per process
+    exported = str(tmp_path / "export")
+    assert main(["--ckpt", ckpt, "--to", exported] + (["--dtype", dtype] if dtype else [])) == 0
+    assert "exported" in capsys.readouterr().out
+    reloaded = _reload(exported, dtype="auto")
+    assert reloaded.dtype == (DTYPES[dtype] if dtype else torch.float32)  # a ZeRO folder consolidates to fp32
+    assert torch.equal(_logits(reloaded).float(), fit["logits"])
     assert not torch.allclose(fit["logits"], _logits(_reload(hf_dir)))
+    if dtype is not None:  # the fp32 master weights are not the weights the module computed with
+        fp32 = _logits(_reload(export_checkpoint(ckpt, tmp_path / "fp32")))
+        assert not torch.equal(fp32, fit["logits"])
+        torch.testing.assert_close(fp32, fit["logits"], rtol=0, atol=0.05)
 
 
 class _CustomSetting:

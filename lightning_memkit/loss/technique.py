@@ -101,8 +101,9 @@ class FusedCrossEntropyTechnique(Technique):
         others = sorted({getattr(m.config, "model_type", type(m).__name__) for m in hf if m not in fusable})
         if others:
             self._warn_once(
-                f"memkit: cross_entropy='fused' leaves Hugging Face model type(s) {others} unchanged: their head or "
-                "loss has parts the fused loss does not reproduce (logit scaling, router losses); fused types: "
+                f"memkit: cross_entropy='fused' leaves Hugging Face model type(s) {others} unchanged: they are not in "
+                "memkit's family table (lightning_memkit.models.families.HF_FAMILIES), or their config adds to the "
+                "loss what the fused loss does not reproduce (logit scaling, router losses); fused types: "
                 + ", ".join(FUSABLE_HF_MODEL_TYPES) + "."
             )
         elif not self._heads:

@@ -8,6 +8,10 @@ logits. The fused loss computes the family's loss from the body's hidden states 
 
     "olmo2": HFFamily("olmo2"),
 
+The same entry says how the sequence methods (StreamBP, SeCO, SpaCO) run the family's blocks piece by piece
+(:class:`SequenceLayout`: the attention's projections, the norms around attention and MLP, per-head q/k norms,
+per-layer-type RoPE), or why they cannot (``sequence=None`` with ``no_sequence``, the reason a user reads).
+
 Families whose loss has parts the fused loss does not compute (logit scaling such as Cohere's
 ``logit_scale`` or Granite's ``logits_scaling``, MoE router losses such as Mixtral's) stay out of the
 table: their models keep their own forward.
@@ -19,6 +23,47 @@ import dataclasses
 from typing import Any, Optional
 
 from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+    """How a family's decoder block is laid out, for the sequence methods (pre-norm, sequential residuals).
+
+    A block computes ``x + post_attn_norm(o_proj(attention(q, k, v)))`` with q, k, v from ``attn_norm(x)``, then
+    ``+ post_mlp_norm(mlp(mlp_norm(.)))``; a ``post_*`` norm that is None is left out. The attention's scale
+    (``attention.scaling``), logit softcap (``attention.attn_logit_softcapping``) and sliding window
+    (``attention.sliding_window``) are read from each layer's attention module.
+    """
+
+    #: attribute of the block holding the attention module
+    attention: str = "self_attn"
+    #: attribute of the attention holding one fused q/k/v projection (Phi-3's ``qkv_proj``, rows q, then k, then v);
+    #: None: separate ``q_proj``, ``k_proj``, ``v_proj``
+    fused_qkv: Optional[str] = None
+    #: the attention applies per-head norms ``q_norm`` / ``k_norm`` to queries and keys before RoPE (Qwen3, Gemma 3)
+    qk_norm: bool = False
+    #: attributes of the block holding its norms
+    attn_norm: str = "input_layernorm"
+    post_attn_norm: Optional[str] = None
+    mlp_norm: str = "post_attention_layernorm"
+    post_mlp_norm: Optional[str] = None
+    #: RoPE angles differ by attention layer type (Gemma 3: a local base for sliding layers); the rotary module is
+    #: called with the layer type
+    rope_per_layer_type: bool = False
+    #: the embedding module scales its output itself (Gemma's ``*ScaledWordEmbedding``, which has ``embed_scale``);
+    #: older transformers scaled in the model's forward instead, which the sequence methods do not call
+    scaled_embedding: bool = False
+    #: config attributes holding dropout probabilities inside the blocks; each must be 0 (recomputed chunks would
+    #: draw other masks)
+    dropouts: tuple[str, ...] = ("attention_dropout",)
+
+
+#: The Llama layout: q/k/v/o projections, ``input_layernorm`` before attention, ``post_attention_layernorm`` before
+#: the MLP.
+LLAMA_LAYOUT = SequenceLayout()
+#: Gemma 2's sandwich norms: a norm after attention and after the MLP too.
+GEMMA2_LAYOUT = SequenceLayout(post_attn_norm="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm",
+                               post_mlp_norm="post_feedforward_layernorm", scaled_embedding=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +90,10 @@ class HFFamily:
     #: config attribute holding the final-logit softcap c (the loss is taken on ``c * tanh(logits / c)``);
     #: None: the family applies none.
     softcap: Optional[str] = None
+    #: how the sequence methods drive the family's blocks; None: they refuse it, saying :attr:`no_sequence`
+    sequence: Optional[SequenceLayout] = LLAMA_LAYOUT
+    #: why the sequence methods cannot drive the family (when :attr:`sequence` is None)
+    no_sequence: str = ""
 
     def head(self, hf: nn.Module) -> Optional[nn.Linear]:
         """The LM head of ``hf``, or None when none of :attr:`heads` is an ``nn.Linear``."""
@@ -72,13 +121,19 @@ HF_FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (
     HFFamily("llama"),
     HFFamily("mistral"),
     HFFamily("qwen2"),
-    HFFamily("qwen3"),
-    HFFamily("phi3"),
-    HFFamily("gemma2", tied=True, softcap="final_logit_softcapping"),
-    HFFamily("gemma3_text", tied=True, softcap="final_logit_softcapping"),  # Gemma3ForCausalLM (text only)
-    HFFamily("gpt2", body="transformer", blocks="h", final_norm="ln_f", embed="wte", tied=True),  # GPT2LMHeadModel
+    HFFamily("qwen3", sequence=SequenceLayout(qk_norm=True)),
+    HFFamily("gemma", tied=True, sequence=SequenceLayout(scaled_embedding=True)),  # Gemma 1: the Llama layout
+    HFFamily("phi3", sequence=SequenceLayout(fused_qkv="qkv_proj", dropouts=("attention_dropout", "resid_pdrop"))),
+    HFFamily("gemma2", tied=True, softcap="final_logit_softcapping", sequence=GEMMA2_LAYOUT),
+    HFFamily("gemma3_text", tied=True, softcap="final_logit_softcapping",  # Gemma3ForCausalLM (text only)
+             sequence=dataclasses.replace(GEMMA2_LAYOUT, qk_norm=True, rope_per_layer_type=True)),
+    HFFamily("gpt2", body="transformer", blocks="h", final_norm="ln_f", embed="wte", tied=True,  # GPT2LMHeadModel
+             sequence=None, no_sequence="its positions are learned embeddings added at the input (no rotary "
+             "embedding), and its Conv1D attention differs from the layout the methods drive"),
     HFFamily("gpt_neox", body="gpt_neox", final_norm="final_layer_norm", embed="embed_in",
-             heads=("lm_head", "embed_out")),
+             heads=("lm_head", "embed_out"), sequence=None,
+             no_sequence="its blocks add attention and MLP in parallel (use_parallel_residual) from interleaved "
+             "per-head q/k/v, not the sequential pre-norm layout the methods drive"),
 )}
 
 #: Config attributes that change the logits or add a loss term the fused loss does not compute; a model whose

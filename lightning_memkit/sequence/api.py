@@ -37,6 +37,8 @@ Method = Any  # SeCO | StreamBP
 def _loss_fn(ad: SequenceAdapter, cross_entropy: Optional[CrossEntropyConfig], ignore_index: int) -> Callable:
     """Summed cross-entropy of a chunk's normed hidden states: fused (no logits) or through the head."""
 
+    softcap = ad.logit_softcap
+
     def loss(hidden: Tensor, targets: Tensor) -> Tensor:
         head = ad.lm_head  # read at call time: inside the backward these are the parameter aliases
         if cross_entropy is not None and cross_entropy.fused:
@@ -45,10 +47,13 @@ def _loss_fn(ad: SequenceAdapter, cross_entropy: Optional[CrossEntropyConfig], i
             return linear_cross_entropy(
                 hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index, reduction="sum",
                 impl=cross_entropy.impl, chunk_size=cross_entropy.chunk_size, filter_eps=cross_entropy.filter_eps,
+                softcap=softcap,
             )
         logits = head(hidden)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index,
                                reduction="sum")
 
@@ -236,8 +241,9 @@ def sequence_loss(
     """Next-token cross-entropy of ``model`` on ``input_ids`` (B, T), with a chunked backward.
 
     Args:
-        model: the reference ``Transformer``, an ``HFCausalLM``, a Hugging Face Llama / Qwen2 / Mistral
-            ``*ForCausalLM``, or a model with ``memkit_sequence_adapter()``.
+        model: the reference ``Transformer``, an ``HFCausalLM``, a Hugging Face ``*ForCausalLM`` of a family with a
+            block layout in :data:`~lightning_memkit.models.families.HF_FAMILIES`, or a model with
+            ``memkit_sequence_adapter()``.
         labels: (B, T) targets for each position (or the inputs themselves with ``shift=True``);
             ``ignore_index`` marks positions out of the loss (padding, prompts). The mean is over the
             positions that count, as ``F.cross_entropy`` takes it (NaN when none counts, as there).

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_memkit.sequence.adapter import SequenceAdapter, chunk_attention
+from lightning_memkit.sequence.adapter import SequenceAdapter
 
 
 class _Join(torch.autograd.Function):
@@ -99,7 +99,7 @@ def block_chunk(
         keys, values = kv.k[..., :end, :], kv.v[..., :end, :]
     else:
         keys, values = join(k, kv.k, kv.acc_k, start, comp), join(v, kv.v, kv.acc_v, start, comp)
-    y = chunk_attention(q, keys, values, bias)  # (B, H, c, E)
+    y = ad.attend(block, q, keys, values, bias)  # (B, H, c, E)
     b, heads, c, e = y.shape
     x = x + ad.attn_out(block, y.transpose(1, 2).reshape(b, c, heads * e))
     return x + ad.mlp(block, ad.mlp_norm(block, x))

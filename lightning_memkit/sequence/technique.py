@@ -29,7 +29,8 @@ def drivable_models(module: nn.Module) -> tuple[list[tuple[nn.Module, SequenceAd
         try:
             adapter = find_adapter(m)
         except MemKitConfigError as err:
-            refused.append(f"{name or type(m).__name__}: {err}")
+            refused.append(f"self.{name} ({type(m).__name__})" if name else type(m).__name__)
+            refused[-1] += f": {err}"
             taken.update(id(sub) for sub in m.modules())
             continue
         if adapter is None:
@@ -89,7 +90,7 @@ class SequenceTechnique(Technique):
         c = self.config
         models, refused = drivable_models(module)
         if refused and not models:
-            raise MemKitConfigError(f"sequence={c.method!r} cannot drive the model: {refused[0]}")
+            raise MemKitConfigError(f"sequence={c.method!r} cannot drive the model {refused[0]}")
         if refused:
             rank_zero_warn(f"memkit: sequence={c.method!r} leaves these models to ordinary backprop: {'; '.join(refused)}")
         for model, _ in models:
@@ -103,8 +104,8 @@ class SequenceTechnique(Technique):
         if not models:
             raise MemKitConfigError(
                 f"sequence={c.method!r} found no causal LM it can drive in {type(module).__name__}: it drives the "
-                "reference Transformer, HFCausalLM, Hugging Face Llama/Qwen2/Mistral *ForCausalLM models, and models "
-                "with memkit_sequence_adapter(). Fix: keep the model as an attribute of the LightningModule and "
+                "reference Transformer, HFCausalLM, Hugging Face *ForCausalLM models of the families in docs/models.md, "
+                "and models with memkit_sequence_adapter(). Fix: keep the model as an attribute of the LightningModule and "
                 "compute the loss with lightning_memkit.loss.causal_lm_loss(model, input_ids, labels) (or call the "
                 "Hugging Face model with labels=), or define memkit_sequence_adapter() on your model."
             )

@@ -1,7 +1,8 @@
-"""Fit ``CausalLMModule(hf_path=...)`` for 2 steps under ``MemKitStrategy(**--strategy)`` on one CPU process, save a
-checkpoint with ModelCheckpoint into ``--workdir`` (``step=2.ckpt``: a file, or under ZeRO a folder), and save the
-trained module's logits on the batch ``tests/test_export.py`` uses (``torch.save`` to ``--out``). Used by
-tests/test_export.py for ZeRO, which runs DeepSpeed in a process of its own."""
+"""Fit ``CausalLMModule(hf_path=...)`` for 2 steps under ``MemKitStrategy(**--strategy)`` on ``--devices`` CPU
+processes (default 1) with ``--precision`` (default ``32-true``), save a checkpoint with ModelCheckpoint into
+``--workdir`` (``step=2.ckpt``: a file, or under ZeRO a folder), and save, from rank 0, the trained module's logits on
+the batch ``tests/test_export.py`` uses (``torch.save`` to ``--out``). Used by tests/test_export.py for ZeRO, which runs
+DeepSpeed in a process of its own."""
 
 import argparse
 import contextlib
@@ -32,16 +33,20 @@ def main() -> None:
     parser.add_argument("--strategy", required=True, help="JSON MemKitStrategy kwargs")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
     pl.seed_everything(0)
     module = CausalLMModule(hf_path=args.hf_path, learning_rate=1e-2, warmup_steps=0)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy=lightning_memkit.MemKitStrategy(**json.loads(args.strategy)),
-        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.workdir,
+        accelerator="cpu", devices=args.devices, precision=args.precision,
+        strategy=lightning_memkit.MemKitStrategy(**json.loads(args.strategy)), max_steps=2, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.workdir,
         callbacks=[ModelCheckpoint(dirpath=args.workdir, every_n_train_steps=2, filename="{step}")],
     )
     trainer.fit(module, train_dataloaders=loader())
-    gathered = contextlib.nullcontext()  # ZeRO-3: the whole parameters, gathered from the partitions
+    # ZeRO-1/2: every rank holds the whole (same) parameters; ZeRO-3: the whole parameters, gathered from the partitions
+    gathered = contextlib.nullcontext()
     if getattr(trainer.strategy, "zero_stage_3", False):
         import deepspeed
 
@@ -49,7 +54,10 @@ def main() -> None:
     with gathered, torch.no_grad():
         module.eval()
         logits = module.model.hf(input_ids=batch(), use_cache=False).logits.float().clone()
-    torch.save({"logits": logits, "strategy": type(trainer.strategy).__name__}, args.out)
+    if trainer.global_rank != 0:
+        return
+    torch.save({"logits": logits, "strategy": type(trainer.strategy).__name__,
+                "backend": trainer.strategy.describe_backend()}, args.out)
 
 
 if __name__ == "__main__":

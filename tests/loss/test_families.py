@@ -30,6 +30,7 @@ CONFIGS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _LLAMA_LIKE),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_LLAMA_LIKE, "head_dim": 8}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_LLAMA_LIKE, "pad_token_id": 0}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_LLAMA_LIKE, "head_dim": 8}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_LLAMA_LIKE, "head_dim": 8, "final_logit_softcapping": 2.0}),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                     {**_LLAMA_LIKE, "head_dim": 8, "final_logit_softcapping": 3.0}),

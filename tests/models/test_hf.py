@@ -60,7 +60,7 @@ def test_path_that_is_not_a_causal_lm(tmp_path):
     bert = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32)
     bert.save_pretrained(tmp_path / "bert")
-    with pytest.raises(ValueError, match="not a decoder-only causal LM with the Llama layout"):
+    with pytest.raises(ValueError, match="neither a family of memkit's table .* nor a decoder-only causal LM"):
         load_hf_causal_lm(str(tmp_path / "bert"))
 
 
@@ -69,7 +69,22 @@ def test_missing_path(tmp_path):
         load_hf_causal_lm(str(tmp_path / "nowhere"))
 
 
-def test_non_llama_layout_is_refused():
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="not a decoder-only causal LM with the Llama layout"):
-        HFCausalLM(gpt2)
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "gemma2", "phi3"])
+def test_every_family_of_the_table_behind_the_interface(model_type):
+    """HFCausalLM finds each family's parts through the table (GPT-2's transformer.h and ln_f, GPT-NeoX's
+    embed_out): its forward is the model's, forward_hidden and the head give the same logits, and the blocks
+    are the model's."""
+    from tests.loss.test_families import tiny
+
+    hf = tiny(model_type).eval()
+    model = HFCausalLM(hf)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = hf(input_ids=ids).logits
+        torch.testing.assert_close(model(ids), logits)
+        head = model.lm_head(model.forward_hidden(ids))
+        if model.logit_softcap is not None:
+            head = model.logit_softcap * torch.tanh(head / model.logit_softcap)
+        torch.testing.assert_close(head, logits)
+    assert len(find_blocks(model)) == 2 and model.max_seq_len == 64 and model.vocab_size == 97
+    assert model.embed_tokens.weight.shape[0] == 97

@@ -259,10 +259,9 @@ def test_an_unsupported_second_model_is_left_alone(corpus):
     class WithTeacher(UserLM):
         def __init__(self):
             super().__init__()
-            self.teacher = transformers.GemmaForCausalLM(transformers.GemmaConfig(
-                vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=8))
+            self.teacher = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=50, n_embd=16, n_layer=1, n_head=2))
             self.teacher.requires_grad_(False)
 
-    with pytest.warns(UserWarning, match="leaves these models to ordinary backprop: teacher"):
+    with pytest.warns(UserWarning, match="leaves these models to ordinary backprop: self.teacher \\(GPT2LMHeadModel\\): .*'gpt2'"):
         _fit(corpus, module=WithTeacher(), steps=1, sequence={"method": "streambp", "chunk_size": 16})
