@@ -44,6 +44,7 @@ from lightning_memkit.checkpoint_io import AtomicCheckpointIO, complete_epoch_en
 from lightning_memkit.optim.state import check_torch_optimizer_state
 from lightning_memkit.resume import CHECKPOINT_KEY, check_resume, describe_family, keep_weights_only, parse_resume, \
     settings_record
+from lightning_memkit.models.quantized import keep_4bit_trainable
 from lightning_memkit.techniques import Technique
 
 #: name -> (description, init arguments). Registered with Lightning when the package is imported.
@@ -316,6 +317,9 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             # Lightning injects a DistributedSampler for every DDPStrategy. With one process it would
             # only change the data order relative to the single-device strategy, so leave it out.
             trainer._accelerator_connector.use_distributed_sampler = False
+        if trainer.state.fn == TrainerFn.FITTING:
+            assert self.lightning_module is not None
+            keep_4bit_trainable(self.lightning_module)  # QLoRA on CPU: validation must not freeze the 4-bit layers
         if trainer.state.fn == TrainerFn.FITTING and self.memory_budget is not None:
             self._choose_within_budget(trainer)
         if trainer.state.fn == TrainerFn.FITTING and self.techniques:

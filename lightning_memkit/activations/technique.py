@@ -51,6 +51,7 @@ class SavedTensorsTechnique(Technique):
         self.manager: SavedTensors | None = None
         self._changed: list[nn.Module] = []
         self._left_to_checkpoint = 0  # chosen modules inside checkpointed blocks (they save nothing to compress)
+        self._hf_checkpointing = False  # a Hugging Face model's gradient_checkpointing_enable() is in force
 
     def describe(self) -> str:
         parts = []
@@ -72,6 +73,11 @@ class SavedTensorsTechnique(Technique):
 
     def setup_module(self, module: nn.Module) -> None:
         checkpointed = [n for n, m in module.named_modules() if is_checkpointed(m)]
+        # a Hugging Face model's own gradient checkpointing (gradient_checkpointing_enable(), which PEFT's
+        # prepare_model_for_kbit_training calls by default): its blocks save only their inputs too
+        hf_checkpointed = [n for n, m in module.named_modules() if _hf_checkpointed(m)]
+        self._hf_checkpointing = bool(hf_checkpointed)
+        checkpointed += hf_checkpointed
 
         def inside(name: str) -> bool:  # a checkpointed block saves only its inputs: nothing inside it to compress
             return any(name == c or name.startswith(c + ".") for c in checkpointed)
@@ -100,9 +106,15 @@ class SavedTensorsTechnique(Technique):
         fix = ("Fix: name modules outside the checkpointed blocks in activations.modules, set checkpoint_every >= 2 "
                "(compress the blocks left unchecked), checkpoint='none', or drop compress"
                + (" (offload alone moves the checkpointed blocks' inputs to host memory)." if c.offload else "."))
+        if self._hf_checkpointing:
+            fix = ("Fix: turn the Hugging Face gradient checkpointing off (model.gradient_checkpointing_disable(), or "
+                   "peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)) to compress the "
+                   "blocks' activations, or drop activations.compress to keep the checkpointing.")
         if not chosen:
+            where = "the Hugging Face model's own gradient checkpointing" if self._hf_checkpointing else \
+                f"checkpoint={c.checkpoint!r}"
             raise MemKitConfigError(
-                f"activations.compress={c.compress!r} with checkpoint={c.checkpoint!r}: every module that "
+                f"activations.compress={c.compress!r} with {where}: every module that "
                 f"activations.modules={list(c.modules or ())!r} names lies inside a checkpointed block, which saves "
                 f"no activations (it recomputes them), so nothing would be compressed. {fix}"
             )
@@ -125,3 +137,10 @@ class SavedTensorsTechnique(Technique):
     def teardown(self, module: nn.Module) -> None:
         uninstall(self._changed)
         self._changed = []
+
+
+def _hf_checkpointed(module: nn.Module) -> bool:
+    """A Hugging Face decoder layer whose model has ``gradient_checkpointing_enable()`` in force
+    (transformers' ``GradientCheckpointingLayer`` with ``gradient_checkpointing`` set)."""
+    return getattr(module, "gradient_checkpointing", False) is True and any(
+        c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
