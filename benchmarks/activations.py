@@ -9,9 +9,10 @@ running scales; with --cuda also offload, offload + int8, checkpointing + offloa
   Checkpointed blocks save nothing this way (their inputs are held by the checkpoint), so for
   checkpointing the peak column is the one to read.
 - **peak**: the step's peak (on CUDA the second step's, as the first one also holds one-time
-  buffers; fake tensors + MemTracker for the Llama-3-8B shape, where only the peak
+  buffers; fake tensors + StepMemoryTracker for the Llama-3-8B shape, where only the peak
   is read: fake tensors have no storages to count saved bytes by, and do not model what selective
-  checkpointing keeps; MemTracker on CPU; the caching allocator on CUDA).
+  checkpointing keeps; StepMemoryTracker (the planner's CategoryTracker) on CPU; the caching
+  allocator on CUDA).
 - **time**: forward + backward, as a ratio to the plain run, the modes taking turns, best of
   --repeats (measured runs only; not for fake tensors).
 
@@ -29,7 +30,8 @@ from typing import Any
 
 import torch
 
-from lightning_memkit.memory import GIB, MIB, StepMemoryTracker, format_table
+from lightning_memkit.memory import StepMemoryTracker, format_table
+from lightning_memkit.units import GIB, MIB
 
 MODES: dict[str, dict[str, Any]] = {
     "plain": {},
@@ -173,7 +175,7 @@ def main() -> None:
         print("Llama-3-8B shape, seq 4096, batch 1, bf16, fake tensors: forward + backward (fused CE)")
         print(format_table(fake_8b(4096), ("mode", "peak GiB", "activations+temporaries at peak, GiB")))
     rows = measured("cpu", args.repeats, MODES, "small", 512, 4, torch.float32)
-    print(f"\n'small' model on CPU, seq 512, batch 4, fp32, measured (MemTracker); time best of {args.repeats} "
+    print(f"\n'small' model on CPU, seq 512, batch 4, fp32, measured (StepMemoryTracker); time best of {args.repeats} "
           f"({torch.get_num_threads()} threads)")
     print(format_table(rows, ("mode", "saved MiB on device", "peak MiB", "time vs plain")))
 

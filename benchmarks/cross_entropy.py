@@ -1,7 +1,7 @@
 """Memory and time of the LM head + cross-entropy: naive (materialized logits) vs chunked vs Triton.
 
 Memory: one forward + backward of the head and the loss at a Gemma-2-2B-like shape (V=256000,
-D=2304, N=8192, bf16), on fake tensors on the CPU (nothing is allocated; MemTracker counts bytes).
+D=2304, N=8192, bf16), on fake tensors on the CPU (nothing is allocated; StepMemoryTracker counts bytes).
 "extra" is the step's peak minus what every implementation must hold anyway: the head weight, its
 gradient and the hidden states' gradient. The Triton path needs a GPU and is measured only where one
 is lent (python benchmarks/cross_entropy.py --triton on a CUDA machine).
@@ -20,7 +20,8 @@ import time
 import torch
 
 from lightning_memkit.loss import linear_cross_entropy
-from lightning_memkit.memory import GIB, MIB, StepMemoryTracker, format_table
+from lightning_memkit.memory import StepMemoryTracker, format_table
+from lightning_memkit.units import GIB, MIB
 
 
 def fake_memory(impl: str, n: int, d: int, v: int, dtype: torch.dtype) -> dict[str, float]:
@@ -82,7 +83,7 @@ def main() -> None:
         measure = cuda_memory if impl == "triton" else fake_memory
         m = measure(impl, n, d, v, torch.bfloat16)
         naive_extra = naive_extra if naive_extra is not None else m["extra"]
-        how = "CUDA allocator" if impl == "triton" else "fake tensors, MemTracker"
+        how = "CUDA allocator" if impl == "triton" else "fake tensors, StepMemoryTracker"
         rows.append((impl if impl != "torch" else "naive (torch)", f"{m['peak'] / GIB:.2f}", f"{m['extra'] / MIB:.1f}",
                      f"{100 * m['extra'] / naive_extra:.2f}%", how))
     print(f"Head + loss, forward + backward, V={v}, D={d}, N={n}, bf16")

@@ -22,7 +22,8 @@ import time
 import torch
 
 from lightning_memkit.config import OptimizerConfig
-from lightning_memkit.memory import GIB, format_table
+from lightning_memkit.memory import format_table
+from lightning_memkit.units import GIB
 
 NAMES = ["none", "adamw8bit", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal"]
 LABEL = {"none": "torch AdamW (fp32 states)"}
@@ -80,7 +81,8 @@ def peak_table() -> None:
         c = r.by_category
         rows.append((label, f"{r.peak / GIB:.2f}", f"{c['parameters'] / GIB:.2f}", f"{c['gradients'] / GIB:.2f}",
                      f"{c['optimizer_state'] / GIB:.2f}", f"{(c['activations'] + c['temporaries']) / GIB:.2f}"))
-    print("\nPeak of one full-parameter Llama-3-8B step, seq 4096, batch 1, bf16 weights (fake tensors, MemTracker)")
+    print("\nPeak of one full-parameter Llama-3-8B step, seq 4096, batch 1, bf16 weights "
+          "(fake tensors, the planner's step)")
     print(format_table(rows, ("configuration", "peak GiB", "weights", "grads", "opt state", "activations+temp")))
 
 
@@ -91,7 +93,7 @@ def _cpu_shape():  # noqa: ANN202
 
 
 def cpu_times(repeats: int) -> None:
-    from lightning_memkit.models.llama import Transformer, get_config
+    from lightning_memkit.models.llama import Transformer
     from lightning_memkit.optim.convert import convert_optimizer, select_lowrank
 
     torch.manual_seed(0)
@@ -102,7 +104,8 @@ def cpu_times(repeats: int) -> None:
     for name in NAMES:
         base = torch.optim.AdamW(model.parameters(), lr=1e-5)
         rank = {"rank": 32} if name in ("galore_adamw", "galore_adamw8bit", "apollo", "frugal") else {}
-        opts[name] = base if name == "none" else convert_optimizer(base, OptimizerConfig(name=name, **rank), lowrank, {})
+        opts[name] = (base if name == "none"
+                      else convert_optimizer(base, OptimizerConfig(name=name, **rank), lowrank, {}))
     best: dict[str, list[float]] = {n: [] for n in NAMES}
     for _ in range(repeats + 1):  # the first round creates the states (and SVDs): not counted
         for name, opt in opts.items():
@@ -115,7 +118,8 @@ def cpu_times(repeats: int) -> None:
     rows = [(LABEL.get(n, n), f"{1e3 * min(t[1:]):.1f}", f"{1e3 * statistics.median(t[1:]):.1f}",
              f"{min(t[1:]) / base:.2f}x") for n, t in best.items()]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"\nCPU optimizer.step() time, a {n_params / 1e6:.1f}M-parameter Llama shape (dim 512, 4 layers, vocab 32000; "
+    print(f"\nCPU optimizer.step() time, a {n_params / 1e6:.1f}M-parameter Llama shape "
+          "(dim 512, 4 layers, vocab 32000; "
           "rank 32, APOLLO-Mini 1), "
           f"best of {repeats} ({torch.get_num_threads()} threads); SVD refreshes (every 200 steps) not included")
     print(format_table(rows, ("optimizer", "best ms", "median ms", "vs torch AdamW")))
@@ -201,7 +205,8 @@ def cuda_check(repeats: int) -> None:
         torch.cuda.empty_cache()
     rows = [(LABEL.get(n, n).replace(" (fp32 states)", " (foreach)"), f"{1e3 * t:.1f}", f"{t / times['none']:.2f}x")
             for n, t in times.items()]
-    print(f"\nCUDA optimizer.step() time, Llama-3.2-1B shape, bf16, median of {repeats} ({torch.cuda.get_device_name()})")
+    print(f"\nCUDA optimizer.step() time, Llama-3.2-1B shape, bf16, median of {repeats} "
+          f"({torch.cuda.get_device_name()})")
     print(format_table(rows, ("optimizer", "ms", "vs torch AdamW")))
 
 

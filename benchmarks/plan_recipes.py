@@ -1,4 +1,4 @@
-"""The plan of each consumer-GPU recipe, with the candidates compared, and its picture (README, "Will it fit?").
+"""The plan of each consumer-GPU recipe, with the candidates compared, and its picture (docs/recipes.md).
 
     python benchmarks/plan_recipes.py [recipe ...]      # default: the four consumer recipes
 
@@ -30,8 +30,8 @@ def main(names: list[str]) -> None:
         gpu = re.search(r"Budget: (\d+) GiB of GPU memory", text).group(1) + "GiB"
         host = re.search(r"(\d+) GiB of host memory", text)
         start = time.perf_counter()
-        result = plan(path, ["--trainer.logger=false"], gpu_memory=gpu, cpu_memory=host.group(1) + "GiB" if host else None,
-                      compare=True)
+        result = plan(path, ["--trainer.logger=false"], gpu_memory=gpu,
+                      cpu_memory=host.group(1) + "GiB" if host else None, compare=True)
         png = os.path.join(ROOT, "docs", "plan", name.replace(".yaml", ".png"))
         os.makedirs(os.path.dirname(png), exist_ok=True)
         plot(result.rows, png, result.gpu_memory, title=f"{name}: {result.description}")

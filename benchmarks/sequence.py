@@ -2,7 +2,7 @@
 
 Part 1, ``--memory`` (fake tensors, nothing allocated): a full-parameter Llama-3-8B step in bf16 with
 APOLLO-Mini on every weight and the step in backward (the 24 GiB recipe of the optimizer issue),
-batch 1. For each method the step's peak is measured (``fake_training_step(measure="live")``) at
+batch 1. For each method the step's peak is measured (``fake_training_step``: the planner's step) at
 two lengths; the peak is affine in the length, so the line gives the longest length under the
 budget, rounded down to a multiple of 1024, and that length is measured again to confirm it fits.
 
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_memkit.config import parse_size
-from lightning_memkit.memory import GIB, fake_training_step, format_table
+from lightning_memkit.memory import fake_training_step, format_table
+from lightning_memkit.units import GIB
 
 OPTIMIZER = {"name": "apollo_mini", "in_backward": True, "target_modules": ["*"]}
 
@@ -42,7 +43,7 @@ def peak(model: str, seq_len: int, kwargs: dict) -> float:
     from lightning_memkit.models.llama import get_config
 
     cfg = get_config(model, max_seq_len=1 << 20)  # the shape, with RoPE allowed past its trained length
-    return fake_training_step(cfg, seq_len=seq_len, optimizer=OPTIMIZER, measure="live", **kwargs).peak
+    return fake_training_step(cfg, seq_len=seq_len, optimizer=OPTIMIZER, **kwargs).peak
 
 
 def memory(model: str, budget: int, short: int, long: int, only: str = "") -> list[tuple[str, ...]]:

@@ -17,7 +17,8 @@ import argparse
 
 import torch
 
-from lightning_memkit.memory import GIB, format_table
+from lightning_memkit.memory import format_table
+from lightning_memkit.units import GIB
 from lightning_memkit.strategy import PRESETS
 from lightning_memkit.zero import zero_memory
 
@@ -54,10 +55,12 @@ def main() -> None:
                 rows.append([
                     preset, str(gpus),
                     f"{d['parameters'] / GIB:.1f}", f"{d['gradients'] / GIB:.1f}", f"{d['optimizer'] / GIB:.1f}",
-                    f"{d['buffers'] / GIB:.2f}", f"{d['total'] / GIB:.1f}", f"{h['total'] / GIB:.1f}", f"{nvme['total'] / GIB:.1f}",
+                    f"{d['buffers'] / GIB:.2f}", f"{d['total'] / GIB:.1f}", f"{h['total'] / GIB:.1f}",
+                    f"{nvme['total'] / GIB:.1f}",
                     "yes" if d["total"] < 24 * GIB else "no",
                 ])
-        print(f"\n{model}: {n_params / 1e9:.2f}B parameters, optimizer {args.optimizer}; GiB of model states per process"
+        print(f"\n{model}: {n_params / 1e9:.2f}B parameters, optimizer {args.optimizer}; "
+              "GiB of model states per process"
               " (bf16 parameters under ZeRO; memkit = DDP, bf16-mixed)")
         print(format_table(rows, ("preset", "GPUs", "params", "grads", "optim", "buffers", "device", "host",
                                   "NVMe", "< 24 GiB")))

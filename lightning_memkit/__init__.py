@@ -14,6 +14,7 @@ from lightning_memkit.config import (
     SequenceConfig,
 )
 from lightning_memkit.strategy import PRESETS, MemKitStrategy, register
+from lightning_memkit.zero.strategy import MemKitDeepSpeedStrategy  # registers the ZeRO backend (zero_stage=1-3)
 
 register()
 
@@ -43,6 +44,7 @@ __all__ = [
     "CrossEntropyConfig",
     "CausalLMModule",
     "MemKitConfigError",
+    "MemKitDeepSpeedStrategy",
     "MemKitStrategy",
     "MemoryReport",
     "OptimizerConfig",

@@ -365,7 +365,8 @@ class CrossEntropyConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.fused, bool):
             raise MemKitConfigError(
-                f"cross_entropy.fused={self.fused!r} has type {type(self.fused).__name__}. Fix: set it to true or false."
+                f"cross_entropy.fused={self.fused!r} has type {type(self.fused).__name__}. Fix: set it to true or "
+                "false."
             )
         check_choice("cross_entropy.impl", self.impl, CROSS_ENTROPY_IMPLS)
         if self.chunk_size is not None:
@@ -469,8 +470,8 @@ class OptimizerConfig:
                 continue
             takers = sorted(n for n, keys in OPTIMIZER_KEYS.items() if f.name in keys)
             raise MemKitConfigError(
-                f"optimizer.{f.name}={getattr(self, f.name)!r} does not apply to optimizer {self.name!r} (it is a setting "
-                f"of {', '.join(takers)}). Fix: drop optimizer.{f.name}, or choose one of those optimizers."
+                f"optimizer.{f.name}={getattr(self, f.name)!r} does not apply to optimizer {self.name!r} (it is a "
+                f"setting of {', '.join(takers)}). Fix: drop optimizer.{f.name}, or choose one of those optimizers."
             )
         for key in ("rank", "update_gap"):
             if getattr(self, key) is not None:
@@ -484,8 +485,8 @@ class OptimizerConfig:
                     fix=f"set optimizer.{key} to a finite number {'>' if exclusive else '>='} 0, or drop it for the "
                         "optimizer's default."))
         if self.norm_growth_limit not in (None, 0) and self.norm_growth_limit < 1:
-            raise MemKitConfigError(f"optimizer.norm_growth_limit={self.norm_growth_limit!r} must be >= 1 (or 0 to turn "
-                                    "the limiter off). Fix: use the paper's 1.01.")
+            raise MemKitConfigError(f"optimizer.norm_growth_limit={self.norm_growth_limit!r} must be >= 1 (or 0 to "
+                                    "turn the limiter off). Fix: use the paper's 1.01.")
         if self.scale_type is not None:
             check_choice("optimizer.scale_type", self.scale_type, ("channel", "tensor"))
         if self.proj is not None:
@@ -495,7 +496,8 @@ class OptimizerConfig:
         for key in ("in_backward", "reset_on_refresh"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, bool):
-                raise MemKitConfigError(f"optimizer.{key}={value!r} has type {type(value).__name__}. Fix: true or false.")
+                raise MemKitConfigError(f"optimizer.{key}={value!r} has type {type(value).__name__}. Fix: true or "
+                    "false.")
         if self.target_modules is not None:
             patterns = self.target_modules
             if isinstance(patterns, str) or not all(isinstance(x, str) for x in patterns) or not patterns:
@@ -673,15 +675,16 @@ class ZeroConfig:
         stage = check_int("zero_stage", self.stage, minimum=0)
         if stage not in ZERO_STAGES:
             raise MemKitConfigError(
-                f"zero_stage={stage!r} is not a ZeRO stage. Fix: 0 (no sharding), 1 (optimizer states), 2 (+ gradients) "
-                "or 3 (+ parameters)."
+                f"zero_stage={stage!r} is not a ZeRO stage. Fix: 0 (no sharding), 1 (optimizer states), 2 (+ "
+                "gradients) or 3 (+ parameters)."
             )
         for key in ("offload_optimizer", "offload_parameters"):
             value = getattr(self, key)
             value = "none" if value is None or value is False else value
             object.__setattr__(self, key, check_choice(key, value, OFFLOAD_DEVICES))
         if not isinstance(self.cpu_adam, bool):
-            raise MemKitConfigError(f"cpu_adam={self.cpu_adam!r} has type {type(self.cpu_adam).__name__}. Fix: true or false.")
+            raise MemKitConfigError(f"cpu_adam={self.cpu_adam!r} has type {type(self.cpu_adam).__name__}. Fix: true "
+                "or false.")
         if self.offload_optimizer != "none" and stage == 0:
             raise MemKitConfigError(
                 f"offload_optimizer={self.offload_optimizer!r} needs ZeRO (DeepSpeed moves the partitioned optimizer "
@@ -761,15 +764,18 @@ def _load_deepspeed_config(value: Any) -> dict[str, Any]:
         return {}
     if isinstance(value, (str, os.PathLike)):
         if not os.path.isfile(value):
-            raise MemKitConfigError(f"deepspeed_config={str(value)!r} is not a file. Fix: a mapping, or a JSON file's path.")
+            raise MemKitConfigError(f"deepspeed_config={str(value)!r} is not a file. Fix: a mapping, or a JSON file's "
+                "path.")
         try:
             with open(value) as f:
                 value = json.load(f)
         except ValueError as error:
-            raise MemKitConfigError(f"deepspeed_config file {str(value)!r} is not valid JSON ({error}). Fix the file.") from None
+            raise MemKitConfigError(
+                f"deepspeed_config file {str(value)!r} is not valid JSON ({error}). Fix the file.") from None
     if not isinstance(value, Mapping):
         raise MemKitConfigError(
-            f"deepspeed_config has type {type(value).__name__}. Fix: a mapping of DeepSpeed config keys, or a JSON path."
+            f"deepspeed_config has type {type(value).__name__}. Fix: a mapping of DeepSpeed config keys, or a JSON "
+            "path."
         )
     try:
         config = json.loads(json.dumps(dict(value)))  # a plain, deep copy
@@ -791,6 +797,20 @@ def _load_deepspeed_config(value: Any) -> dict[str, Any]:
                 "deepspeed_config and use that instead."
             )
     return config
+
+
+@dataclass(frozen=True)
+class MemKitSettings:
+    """Everything a ``MemKitStrategy`` is configured with, each family parsed once (``MemKitStrategy.settings``).
+
+    The planner reads a strategy's setting from it (:func:`lightning_memkit.planner.search.setting_of`).
+    """
+
+    activations: ActivationsConfig
+    cross_entropy: CrossEntropyConfig
+    optimizer: OptimizerConfig
+    sequence: SequenceConfig
+    zero: ZeroConfig
 
 
 def parse_zero(

@@ -112,7 +112,7 @@ def _read_checkpoint(ckpt_path: str) -> dict[str, Any]:
                 f"ckpt={ckpt_path!r} is a folder but not a sharded ZeRO checkpoint (no 'checkpoint/' in it). Fix: pass "
                 "a checkpoint file, or the folder Lightning's ModelCheckpoint wrote under zero_stage >= 1."
             )
-        from lightning_memkit.zero import export_consolidated
+        from lightning_memkit.zero.checkpoint import export_consolidated
 
         with tempfile.TemporaryDirectory(prefix="memkit-export-") as tmp:
             consolidated = os.path.join(tmp, "consolidated.ckpt")

@@ -13,7 +13,7 @@ import functools
 import os
 import pickle
 from datetime import timedelta
-from typing import Any, Iterator, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -32,6 +32,7 @@ from lightning_memkit.config import (
     ActivationsConfig,
     CrossEntropyConfig,
     MemKitConfigError,
+    MemKitSettings,
     OptimizerConfig,
     SequenceConfig,
     parse_activations,
@@ -45,6 +46,7 @@ from lightning_memkit.optim.state import check_torch_optimizer_state
 from lightning_memkit.resume import CHECKPOINT_KEY, check_resume, describe_family, keep_weights_only, parse_resume, \
     settings_record
 from lightning_memkit.models.quantized import keep_4bit_trainable
+from lightning_memkit.technique_set import TechniqueSet
 from lightning_memkit.techniques import Technique
 
 #: name -> (description, init arguments). Registered with Lightning when the package is imported.
@@ -91,19 +93,29 @@ MEMKIT_ARGUMENTS = ("activations", "cross_entropy", "optimizer", "sequence", "ze
                     "resume")
 
 
-class _ChooseBackend(type(DDPStrategy)):  # type: ignore[misc]
-    """``MemKitStrategy(zero_stage=1|2|3, ...)`` builds the DeepSpeed backend, itself a ``MemKitStrategy``.
+#: zero_stage -> the strategy class that runs it; the DeepSpeed backend (lightning_memkit.zero.strategy) registers
+#: itself for stages 1-3 when the package is imported (this module does not import it: it builds on this one)
+BACKENDS: dict[int, type] = {}
 
-    A metaclass rather than ``__new__``: LightningCLI (jsonargparse) then reads the arguments from
-    ``__init__``, as for any class.
+
+def register_backend(stages: tuple[int, ...], cls: type) -> None:
+    """Make ``MemKitStrategy(zero_stage=s)`` build ``cls`` for each ``s`` in ``stages``."""
+    for stage in stages:
+        BACKENDS[stage] = cls
+
+
+class _ChooseBackend(type(DDPStrategy)):  # type: ignore[misc]
+    """``MemKitStrategy(zero_stage=1|2|3, ...)`` builds the registered ZeRO backend, itself a ``MemKitStrategy``.
+
+    Every memkit argument is keyword-only, so the stage is read from the keywords alone. A metaclass rather than
+    ``__new__`` (which would have Python run ``__init__`` a second time on the subclass's instance): LightningCLI
+    (jsonargparse) then reads the arguments from ``__init__``, as for any class.
     """
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        stage = kwargs.get("zero_stage", args[4] if len(args) > 4 else 0)
-        if cls is MemKitStrategy and isinstance(stage, int) and not isinstance(stage, bool) and stage in (1, 2, 3):
-            from lightning_memkit.zero import MemKitDeepSpeedStrategy
-
-            return MemKitDeepSpeedStrategy(*args, **kwargs)
+        stage = kwargs.get("zero_stage", 0)
+        if cls is MemKitStrategy and isinstance(stage, int) and not isinstance(stage, bool) and stage in BACKENDS:
+            return BACKENDS[stage](*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
 
@@ -168,7 +180,7 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
     Raises:
         MemKitConfigError: an unknown technique name or key, a bad value or a wrong type; ZeRO settings
             that do not go together; a technique that cannot run under the chosen ZeRO stage (the
-            README's table lists which can). When a fit resumes: optimizer settings that differ from
+            table in docs/zero.md lists which can). When a fit resumes: optimizer settings that differ from
             the checkpoint's (with ``resume="exact"``), or a checkpoint that is missing or damaged.
     """
 
@@ -176,6 +188,7 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
 
     def __init__(
         self,
+        *,
         activations: Union[str, dict[str, Any], ActivationsConfig, None] = None,
         cross_entropy: Union[str, dict[str, Any], CrossEntropyConfig, None] = "fused",
         optimizer: Union[str, dict[str, Any], OptimizerConfig, None] = None,
@@ -189,7 +202,6 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         memory_budget: Union[str, int, None] = None,
         memory_search: str = "exact",
         resume: str = "exact",
-        *,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -207,15 +219,15 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         self.zero = parse_zero(zero_stage, offload_optimizer, offload_parameters, nvme_path, cpu_adam, deepspeed_config)
         if self.zero.enabled:  # only reachable from a subclass: the metaclass builds the DeepSpeed backend otherwise
             raise MemKitConfigError(
-                f"{type(self).__name__}(zero_stage={self.zero.stage}): a subclass of MemKitStrategy is the DDP backend. "
-                "Fix: subclass lightning_memkit.zero.MemKitDeepSpeedStrategy for ZeRO, or zero_stage=0."
+                f"{type(self).__name__}(zero_stage={self.zero.stage}): a subclass of MemKitStrategy is the DDP "
+                "backend. Fix: subclass lightning_memkit.zero.MemKitDeepSpeedStrategy for ZeRO, or zero_stage=0."
             )
         if self.zero.deepspeed_config:
             raise MemKitConfigError(
                 "deepspeed_config is set but zero_stage=0 (memkit's DDP backend, no DeepSpeed). Fix: set zero_stage "
                 "to 1, 2 or 3, or drop deepspeed_config."
             )
-        _check_ddp_kwargs(ddp_kwargs)
+        check_ddp_kwargs(ddp_kwargs)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -227,8 +239,7 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             start_method=start_method,
             **ddp_kwargs,
         )
-        self.techniques: list[Technique] = self._build_techniques()
-        self._installed_on: Optional[torch.nn.Module] = None
+        self.technique_set = self._build_techniques()
 
     def _parse_techniques(self, activations: Any, cross_entropy: Any, optimizer: Any, sequence: Any) -> None:
         self.activations = parse_activations(activations)
@@ -254,16 +265,17 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
     def _choose_within_budget(self, trainer: "pl.Trainer") -> None:
         """Auto mode: pick the cheapest combination that fits ``memory_budget`` and rebuild the techniques."""
         from lightning_memkit.planner.auto import choose_for_module
-        from lightning_memkit.planner.plans import setting_of
-        from lightning_memkit.planner.step import human_bytes
+        from lightning_memkit.planner.search import setting_of
+        from lightning_memkit.units import human_bytes
 
         module = self.lightning_module
         base = setting_of(self)
         row, rows, limit, how = choose_for_module(module, trainer, self.memory_budget, base=base,
-                                                  free=self._free_families, allow_approximate=self.memory_search == "any")
+                                                  free=self._free_families,
+                                                  allow_approximate=self.memory_search == "any")
         chosen = row.candidate.setting
         self._parse_techniques(chosen.activations, chosen.cross_entropy, chosen.optimizer, chosen.sequence)
-        self.techniques = self._build_techniques()
+        self.technique_set = self._build_techniques()
         self.memory_choice = row
         tried = "; ".join(f"{r.candidate.name}: " + (f"{human_bytes(r.peak)}, does not fit" if r.result is not None
                                                     else f"cannot run ({r.skipped})") for r in rows[:-1])
@@ -281,8 +293,18 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         """The backend in words (logged at setup)."""
         return "DDP" if not self.single_process else "one process"
 
-    def _build_techniques(self) -> list[Technique]:
-        return build_techniques(self.activations, self.cross_entropy, self.optimizer_config, self.sequence)
+    def _build_techniques(self) -> TechniqueSet:
+        return TechniqueSet.build(self.activations, self.cross_entropy, self.optimizer_config, self.sequence)
+
+    @property
+    def settings(self) -> MemKitSettings:
+        """What this strategy is configured with, parsed (the auto mode's choice, once made, included)."""
+        return MemKitSettings(self.activations, self.cross_entropy, self.optimizer_config, self.sequence, self.zero)
+
+    @property
+    def techniques(self) -> list[Technique]:
+        """The techniques in force, in the order they are installed (the list :attr:`technique_set` holds)."""
+        return self.technique_set.techniques
 
     # ----- one process: no process group, no DDP wrapper -----------------------------------------
     @property
@@ -325,12 +347,8 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         if trainer.state.fn == TrainerFn.FITTING and self.techniques:
             module = self.lightning_module
             assert module is not None
-            for technique in self.techniques:
-                technique.setup_trainer(trainer)
-            self._installed_on = module  # set first: teardown undoes a partial install after an error
-            for technique in self.techniques:
-                technique.setup_module(module)
-            rank_zero_info(f"memkit ({self.describe_backend()}): " + "; ".join(t.describe() for t in self.techniques))
+            self.technique_set.install(module, trainer)  # after an error, teardown undoes what was installed
+            rank_zero_info(f"memkit ({self.describe_backend()}): {self.technique_set.describe()}")
         if self.single_process and not self.zero.enabled and trainer.state.fn != TrainerFn.FITTING:
             # DDPStrategy.setup would broadcast the weights from rank 0 (validate / test / predict), which needs
             # a process group: one process has none and nothing to synchronize. The rest of its setup:
@@ -349,15 +367,8 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
 
     def _convert_optimizers(self, optimizers: list[Any], scheduler_configs: list[Any]) -> list[Any]:
         """Let each technique replace the optimizers; the schedulers follow their optimizer."""
-        for technique in self.techniques:
-            new = technique.setup_optimizers(list(optimizers))
-            if len(new) != len(optimizers):
-                raise RuntimeError(f"{technique.name}.setup_optimizers returned {len(new)} optimizers for {len(optimizers)}")
-            for before, after in zip(optimizers, new):
-                if after is not before:
-                    self._repoint_schedulers(before, after, scheduler_configs)
-            optimizers = new
-        return optimizers
+        return self.technique_set.convert_optimizers(
+            optimizers, lambda before, after: self._repoint_schedulers(before, after, scheduler_configs))
 
     @staticmethod
     def _repoint_schedulers(before: Any, after: Any, scheduler_configs: list[Any]) -> None:
@@ -365,12 +376,8 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             if getattr(config.scheduler, "optimizer", None) is before:
                 _repoint_scheduler(config.scheduler, after)
 
-    @contextlib.contextmanager
-    def _step_context(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for technique in self.techniques:
-                stack.enter_context(technique.step_context())
-            yield
+    def _step_context(self) -> contextlib.AbstractContextManager:
+        return self.technique_set.step_context()
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -389,18 +396,16 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
 
     @override
     def teardown(self) -> None:
-        if self._installed_on is not None:
-            for technique in reversed(self.techniques):
-                technique.teardown(self._installed_on)
-            self._installed_on = None
+        self.technique_set.uninstall()
         super().teardown()
 
     # ----- checkpoints: atomic files, the settings recorded, resumes checked against them --------------
     @property
     @override
     def checkpoint_io(self) -> CheckpointIO:
-        """Lightning's, except that the default writes atomically (:class:`~lightning_memkit.checkpoint_io.AtomicCheckpointIO`):
-        a process killed while a checkpoint is written leaves the previous one intact."""
+        """Lightning's, except that the default writes atomically
+        (:class:`~lightning_memkit.checkpoint_io.AtomicCheckpointIO`): a process killed while a checkpoint is
+        written leaves the previous one intact."""
         if self._checkpoint_io is None:
             self._checkpoint_io = AtomicCheckpointIO()
         elif isinstance(self._checkpoint_io, _WrappingCheckpointIO) and self._checkpoint_io.checkpoint_io is None:
@@ -453,11 +458,11 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
         """Compare a checkpoint's settings with this run's before anything is restored (fitting only)."""
         if saved is not None and self.memory_budget is not None and "optimizer" in self._free_families \
                 and self.resume == "exact" \
-                and self._installed_on is None:  # DDP restores before setup; DeepSpeed after (then: checked only)
+                and self.technique_set.installed_on is None:  # DDP restores before setup; DeepSpeed after
             # auto mode: keep the optimizer the checkpoint trained with (its state cannot drive another)
             self.optimizer_config = OptimizerConfig(**saved["optimizer"])
             self._free_families = tuple(f for f in self._free_families if f != "optimizer")
-            self.techniques = self._build_techniques()
+            self.technique_set = self._build_techniques()
             rank_zero_info(f"memkit memory_budget: resuming keeps the checkpoint's optimizer "
                            f"({describe_family('optimizer', saved['optimizer'])}).")
         changed = check_resume(saved, self.settings_record(), checkpoint=path, mode=self.resume)
@@ -511,34 +516,6 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
             strategy_registry.register(name, cls, description=description, override=True, **init_params)
 
 
-def build_techniques(
-    activations: ActivationsConfig, cross_entropy: CrossEntropyConfig, optimizer: OptimizerConfig, sequence: SequenceConfig
-) -> list[Technique]:
-    """The techniques the settings enable, in the order they are installed (the planner builds them too)."""
-    techniques: list[Technique] = []
-    if activations.checkpoint != "none":
-        from lightning_memkit.activations.checkpoint import CheckpointTechnique
-
-        techniques.append(CheckpointTechnique(activations))
-    if activations.compress != "none" or activations.offload:
-        from lightning_memkit.activations.technique import SavedTensorsTechnique
-
-        techniques.append(SavedTensorsTechnique(activations))  # after checkpointing: skips checkpointed blocks
-    if cross_entropy.fused:
-        from lightning_memkit.loss.technique import FusedCrossEntropyTechnique
-
-        techniques.append(FusedCrossEntropyTechnique(cross_entropy))
-    if sequence.enabled:  # after the fused loss: its Hugging Face forward wraps the fused one
-        from lightning_memkit.sequence.technique import SequenceTechnique
-
-        techniques.append(SequenceTechnique(sequence, step_in_backward=optimizer.enabled and optimizer.in_backward))
-    if optimizer.enabled:
-        from lightning_memkit.optim.technique import OptimizerTechnique
-
-        techniques.append(OptimizerTechnique(optimizer))
-    return techniques
-
-
 def ddp_arguments() -> dict[str, Any]:
     """The keyword arguments DDPStrategy and DistributedDataParallel take, with their defaults."""
     import inspect
@@ -553,7 +530,7 @@ def ddp_arguments() -> dict[str, Any]:
     return arguments
 
 
-def _check_ddp_kwargs(ddp_kwargs: dict[str, Any]) -> None:
+def check_ddp_kwargs(ddp_kwargs: dict[str, Any]) -> None:
     """Refuse keyword arguments that DistributedDataParallel does not take (e.g. a misspelled setting)."""
     accepted = ddp_arguments()
     unknown = sorted(set(ddp_kwargs) - set(accepted))

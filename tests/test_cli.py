@@ -119,7 +119,8 @@ def test_optimizer_from_the_recipe(tmp_path):
 
 def test_unknown_optimizer_in_recipe(tmp_path):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(open(RECIPE).read().replace("      cross_entropy: fused", "      optimizer: galore\n      cross_entropy: fused"))
+    recipe.write_text(open(RECIPE).read().replace("      cross_entropy: fused",
+                                                  "      optimizer: galore\n      cross_entropy: fused"))
     with pytest.raises(ValueError, match="optimizer='galore' is not a known name.*'galore_adamw'"):
         MemKitCLI(args=["--config", str(recipe)], run=False)
 
@@ -136,7 +137,8 @@ def test_long_context_recipe(tmp_path):
 
 def test_unknown_sequence_method_in_recipe(tmp_path):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(open(RECIPE).read().replace("      cross_entropy: fused", "      sequence: streambp2\n      cross_entropy: fused"))
+    recipe.write_text(open(RECIPE).read().replace("      cross_entropy: fused",
+                                                  "      sequence: streambp2\n      cross_entropy: fused"))
     with pytest.raises(ValueError, match="sequence='streambp2' is not a known name"):
         MemKitCLI(args=["--config", str(recipe)], run=False)
 

@@ -5,6 +5,7 @@ import torch
 from lightning_memkit import CausalLMModule, TextDataModule
 
 
+@pytest.mark.slow  # 10-30 s on the 2-core CPU machine
 def test_fit_reference_model_on_real_text_lowers_val_loss(trainer_kwargs, small_corpus_dir):
     pl.seed_everything(0)
     module = CausalLMModule(model="tiny", learning_rate=3e-3, warmup_steps=2)
@@ -87,8 +88,8 @@ def test_hf_path_of_other_families_trains_fused_as_plain(model_type, tmp_path, t
     transformers = pytest.importorskip("transformers")
     config_cls, model_cls, kwargs = CONFIGS[model_type]
     torch.manual_seed(0)
-    getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**kwargs, "vocab_size": 258})).save_pretrained(
-        tmp_path / "hf")
+    config = getattr(transformers, config_cls)(**{**kwargs, "vocab_size": 258})
+    getattr(transformers, model_cls)(config).save_pretrained(tmp_path / "hf")
 
     def fit(**strategy):
         pl.seed_everything(0)

@@ -140,6 +140,7 @@ def fast_results(tmp_path_factory) -> dict[str, dict]:
     return _RESULTS
 
 
+@pytest.mark.slow  # fast_results runs 5 kill-and-resume pairs of subprocesses: ~45 s on the 2-core CPU machine
 @pytest.mark.parametrize("name", list(FAST))
 def test_killed_mid_epoch_resumes_exactly(name, fast_results):
     """SIGKILL after step 7, resume from step 5's checkpoint: steps 6-10 see the uninterrupted run's batches
@@ -149,6 +150,7 @@ def test_killed_mid_epoch_resumes_exactly(name, fast_results):
     _assert_exact(fast_results[name], 6, 10, name)
 
 
+@pytest.mark.slow  # shares fast_results (see above)
 def test_killed_after_an_end_of_epoch_checkpoint_resumes_exactly(fast_results):
     """The checkpoint was written at the end of epoch 0 (``every_n_epochs=1``). Lightning 2.6 alone resumes
     such a checkpoint by training one more batch as the end of epoch 0 and then starting epoch 1 over;
@@ -263,6 +265,7 @@ def _first_checkpoint() -> dict:
     return {"global_step": 1, "weights": torch.arange(2**18, dtype=torch.float32) + 1}  # checkpoint(1, 1) there
 
 
+@pytest.mark.slow  # 8-11 s on the 2-core CPU machine
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_file(tmp_path):
     """SIGKILL while the new checkpoint (32 MB) is half written: AtomicCheckpointIO leaves the previous
     checkpoint at the path, whole (it loads with weights_only=True), and only its temporary file beside it,

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lightning_memkit import MemKitConfigError, MemKitStrategy
 from lightning_memkit.config import parse_zero
-from lightning_memkit.zero import MemKitDeepSpeedStrategy, _check_trainer_against_config, build_deepspeed_config
+from lightning_memkit.zero import MemKitDeepSpeedStrategy, check_trainer_against_config, build_deepspeed_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -147,11 +147,11 @@ def test_a_subclass_does_not_silently_drop_zero():
 
 
 def test_optimizers_that_are_not_elementwise_are_refused_under_zero():
-    from lightning_memkit.zero import _check_elementwise
+    from lightning_memkit.zero import check_elementwise
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     for ok in (torch.optim.AdamW(params), torch.optim.SGD(params, lr=0.1)):
-        _check_elementwise(ok, 2)
+        check_elementwise(ok, 2)
 
     class Lamb(torch.optim.Optimizer):  # a per-tensor trust ratio: wrong on flat partitions
         def __init__(self, params):
@@ -159,7 +159,7 @@ def test_optimizers_that_are_not_elementwise_are_refused_under_zero():
 
     with pytest.raises(MemKitConfigError, match=r"zero_stage=2: .*Lamb.*not know to be element-wise.*"
                                                 r"zero_allow_untested_optimizer"):
-        _check_elementwise(Lamb(params), 2)
+        check_elementwise(Lamb(params), 2)
 
 
 def test_cpu_adam_conversion_keeps_every_group_setting():
@@ -200,7 +200,8 @@ def test_deepspeed_config_is_merged_and_can_come_from_a_file(tmp_path):
     for given in (extra, str(path)):
         config = MemKitStrategy(zero_stage=2, offload_optimizer="cpu", deepspeed_config=given).config
         zero = config["zero_optimization"]
-        assert zero["reduce_bucket_size"] == 1000 and zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
+        assert zero["reduce_bucket_size"] == 1000 and zero["stage"] == 2
+        assert zero["offload_optimizer"]["device"] == "cpu"
         assert config["wall_clock_breakdown"] is True
     assert build_deepspeed_config(parse_zero(1))["zero_optimization"] == {
         "stage": 1, "contiguous_gradients": True, "overlap_comm": True, "reduce_bucket_size": 50_000_000,
@@ -211,12 +212,12 @@ def test_config_against_trainer_precision_and_clipping():
     strategy = MemKitStrategy(zero_stage=2, deepspeed_config={"bf16": {"enabled": True}, "gradient_clipping": 1.0})
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, precision="32-true", logger=False)
     with pytest.raises(MemKitConfigError, match=r"enables 'bf16' but Trainer\(precision='32-true'\).*bf16-mixed"):
-        _check_trainer_against_config(strategy.config, trainer)
+        check_trainer_against_config(strategy.config, trainer)
     strategy = MemKitStrategy(zero_stage=2, deepspeed_config={"bf16": {"enabled": True}, "gradient_clipping": 1.0})
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
                          gradient_clip_val=0.5)
     with pytest.warns(UserWarning, match=r"gradient_clipping=1.0 and Trainer\(gradient_clip_val=0.5\).*config wins"):
-        _check_trainer_against_config(strategy.config, trainer)
+        check_trainer_against_config(strategy.config, trainer)
 
 
 def test_lightning_cli_builds_the_deepspeed_backend_from_yaml(tmp_path):
@@ -263,7 +264,7 @@ COMBOS = {
     "hf_llama_fused_ckpt": ({"activations": "checkpoint", "_hf": True}, tuple(STAGES)),
     "hf_llama_labels": ({"_hf": "labels"}, tuple(STAGES)),
 }
-#: techniques trained on 1 process and on 2 (DDP, half the batch each): the DDP column of the README's table
+#: techniques trained on 1 process and on 2 (DDP, half the batch each): the DDP column of docs/zero.md's table
 SINGLE_VS_DDP = {
     "adamw": {"optimizer": "adamw"},
     "galore_adamw": {"optimizer": {"name": "galore_adamw", "rank": 4, "update_gap": 2}},
@@ -302,8 +303,8 @@ def _run(name: str, techniques: dict, **extra) -> dict:
 
 
 def _runs(devices: int) -> list[dict]:
-    runs = [_run("ddp", {}, validate=True), _run("sgd/ddp", {}, optimizer="sgd"), _run("accumulate/ddp", {}, **ACCUMULATE),
-            _run("clip/ddp", {}, **CLIP)]
+    runs = [_run("ddp", {}, validate=True), _run("sgd/ddp", {}, optimizer="sgd"),
+            _run("accumulate/ddp", {}, **ACCUMULATE), _run("clip/ddp", {}, **CLIP)]
     for stage, kwargs in STAGES.items():
         runs += [_run(stage, kwargs, validate=True), _run(f"sgd/{stage}", kwargs, optimizer="sgd"),
                  _run(f"accumulate/{stage}", kwargs, **ACCUMULATE), _run(f"clip/{stage}", kwargs, **CLIP)]
@@ -317,7 +318,8 @@ def _runs(devices: int) -> list[dict]:
         for stage, techniques in RESUMED:
             strategy = {**techniques, **STAGES[stage]}
             runs.append(_run(f"resume_{stage}_full", strategy, steps=4, save_every=2))
-            runs.append(_run(f"resume_{stage}_resumed", strategy, steps=4, resume=f"resume_{stage}_full", resume_step=2))
+            runs.append(_run(f"resume_{stage}_resumed", strategy, steps=4, resume=f"resume_{stage}_full",
+                             resume_step=2))
         runs.append(_run("export", STAGES["zero3"], steps=2, export=True))
         for stage, optimizer in MEASURED:
             runs.append(_run(f"measure_{stage}_{optimizer}", {**STAGES[stage], "optimizer": optimizer}, steps=1,
@@ -364,7 +366,8 @@ def _fits(devices: int, tmp_path_factory) -> tuple[str, dict]:
             capture_output=True, text=True, timeout=600, env=env, cwd=workdir,
         )
         if proc.returncode != 0:
-            _FAILED[devices] = f"zero_fit.py on {devices} process(es) failed:\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
+            _FAILED[devices] = (f"zero_fit.py on {devices} process(es) failed:\n"
+                                + proc.stdout[-3000:] + proc.stderr[-5000:])
             pytest.fail(_FAILED[devices])
         _RESULTS[devices] = (workdir, torch.load(out, weights_only=True))
     return _RESULTS[devices]
@@ -405,7 +408,8 @@ def test_every_zero_stage_trains_like_ddp(devices, tmp_path_factory):
         _assert_same_training(results[name], results["ddp"], what=name)
         _assert_same_training(results[f"sgd/{name}"], results["sgd/ddp"], what=f"sgd/{name}")
         assert len(results[name]["val_history"]) == 3  # one validation per (one-step) epoch
-        torch.testing.assert_close(torch.tensor(results[name]["val_history"]), torch.tensor(results["ddp"]["val_history"]),
+        torch.testing.assert_close(torch.tensor(results[name]["val_history"]),
+                                   torch.tensor(results["ddp"]["val_history"]),
                                    rtol=1e-5, atol=0, msg=f"{name}: validation")
 
 
@@ -584,7 +588,7 @@ def test_consolidated_export_loads_without_deepspeed(tmp_path_factory):
 def test_a_sharded_checkpoint_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
     """The shards are written to <path>.partial and the folder takes the checkpoint's name only when complete; a
     kill between the two renames leaves the previous checkpoint whole as <path>.old, and a resume names it."""
-    from lightning_memkit import zero
+    from lightning_memkit.zero import checkpoint as zero
 
     target = tmp_path / "last.ckpt"
     (target / "checkpoint").mkdir(parents=True)
@@ -592,7 +596,7 @@ def test_a_sharded_checkpoint_is_published_whole_or_not_at_all(tmp_path, monkeyp
     staging = tmp_path / "last.ckpt.partial"
     (staging / "checkpoint").mkdir(parents=True)
     (staging / "checkpoint" / "shard").write_text("new")
-    zero._publish_folder(str(staging), str(target))
+    zero.publish_folder(str(staging), str(target))
     assert (target / "checkpoint" / "shard").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
 
@@ -608,7 +612,7 @@ def test_a_sharded_checkpoint_is_published_whole_or_not_at_all(tmp_path, monkeyp
 
     monkeypatch.setattr(zero.os, "replace", killed_after_first_rename)
     with pytest.raises(KeyboardInterrupt):
-        zero._publish_folder(str(staging), str(target))
+        zero.publish_folder(str(staging), str(target))
     monkeypatch.undo()
     assert not target.exists() and (tmp_path / "last.ckpt.old" / "checkpoint" / "shard").read_text() == "new"
     strategy = MemKitStrategy(zero_stage=2)

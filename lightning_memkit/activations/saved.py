@@ -217,7 +217,8 @@ def check_host_memory(limit: Optional[int], available: Optional[int]) -> None:
         from lightning_memkit.config import MemKitConfigError
 
         raise MemKitConfigError(
-            f"activations.offload_host_memory={limit / 2**30:.2f} GiB, but this host has only {available / 2**30:.2f} GiB "
+            f"activations.offload_host_memory={limit / 2**30:.2f} GiB, "
+            f"but this host has only {available / 2**30:.2f} GiB "
             "of memory available to pin. Fix: lower offload_host_memory (and the batch or sequence length with it), "
             "add compress='int8' to halve what is offloaded, or use checkpointing instead of offload."
         )

@@ -34,7 +34,8 @@ def choose_modules(module: nn.Module, patterns: tuple[str, ...] | None) -> dict[
         hits = {name: m for name, m in named.items() if name and fnmatch.fnmatchcase(name, pattern)}
         if not hits:
             sample = ", ".join(n for n in list(named)[1:9])
-            raise MemKitConfigError(f"activations.modules pattern {pattern!r} matches no module. Candidates: {sample}, ...")
+            raise MemKitConfigError(
+                f"activations.modules pattern {pattern!r} matches no module. Candidates: {sample}, ...")
         chosen.update(hits)
     # a module inside another chosen one is covered by the outer hooks
     return {n: m for n, m in chosen.items() if not any(n.startswith(o + ".") for o in chosen if o != n)}

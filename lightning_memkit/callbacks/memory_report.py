@@ -10,20 +10,24 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from lightning_memkit.config import MemKitConfigError, check_choice, check_int
-from lightning_memkit.memory import CATEGORIES, MIB, MemoryBreakdown, format_table, make_step_tracker
+from lightning_memkit.memory import CATEGORIES, MemoryBreakdown, format_table, make_step_tracker
+from lightning_memkit.units import MIB, in_unit
 
 
 class MemoryReport(Callback):
     """Measure the peak memory of a training step every ``every_n_steps`` optimizer steps.
 
     ``method="tracker"`` runs the measured step under
-    :class:`~lightning_memkit.memory.StepMemoryTracker`, which counts the bytes of live tensors (any
-    device) and splits the peak into parameters, buffers, gradients, optimizer state, activations,
-    temporaries and other; such a step runs slower (every operator is intercepted), so measure
-    sparingly. ``method="allocator"`` (CUDA) takes the peak from the caching allocator's statistics
-    at no cost and counts parameters, gradients and optimizer state exactly, the rest being
-    activations. ``"auto"``: the allocator on CUDA, the tracker elsewhere. The breakdown is logged to the Trainer's loggers as ``memory/<category>_mib`` at each
-    measurement and printed as a table when fitting ends (rank zero).
+    :class:`~lightning_memkit.memory.StepMemoryTracker` (the planner's
+    :class:`~lightning_memkit.planner.tracker.CategoryTracker`), which counts the bytes of live tensors (any
+    device) and splits the peak into parameters, buffers, gradients, optimizer state, activations (the
+    forward's, logits and loss included), temporaries (the backward's, recomputation included) and other
+    (see :data:`~lightning_memkit.memory.CATEGORIES`); such a step runs slower (every operator is
+    intercepted), so measure sparingly. ``method="allocator"`` (CUDA) takes the peak from the caching
+    allocator's statistics at no cost and counts parameters, gradients and optimizer state exactly, the rest
+    being activations. ``"auto"``: the allocator on CUDA, the tracker elsewhere. The breakdown is logged to
+    the Trainer's loggers as ``memory/<category>_mib`` at each measurement and printed as a table when
+    fitting ends (rank zero).
 
     Args:
         every_n_steps: measure when the global step is a multiple of this (step 0 included).
@@ -55,7 +59,9 @@ class MemoryReport(Callback):
         return last_micro_batch and trainer.global_step % self.every_n_steps == 0
 
     @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
         if self._should_measure(trainer, batch_idx):
             self._active = make_step_tracker(pl_module, trainer.optimizers, self.method)
             self._active_step = trainer.global_step
@@ -94,11 +100,11 @@ class MemoryReport(Callback):
     def table(self, report: MemoryBreakdown) -> str:
         """The report as a text table: category, MiB, share of the peak."""
         peak = report.peak or 1
-        rows = [(name, f"{report.by_category[name] / MIB:.2f}", f"{100 * report.by_category[name] / peak:.1f}%")
+        rows = [(name, in_unit(report.by_category[name], MIB), f"{100 * report.by_category[name] / peak:.1f}%")
                 for name in CATEGORIES]
-        rows.append(("peak (sum)", f"{report.peak / MIB:.2f}", "100.0%"))
+        rows.append(("peak (sum)", in_unit(report.peak, MIB), "100.0%"))
         if report.allocator_peak is not None:
-            rows.append(("CUDA allocator peak", f"{report.allocator_peak / MIB:.2f}", ""))
+            rows.append(("CUDA allocator peak", in_unit(report.allocator_peak, MIB), ""))
         title = (
             f"MemoryReport: optimizer step {report.step} on {report.device}: tensors alive at the step's peak, "
             f"measured by {report.method}"

@@ -92,7 +92,8 @@ def iter_documents(path: str, text_key: str, rel: str) -> list[tuple[str, str]]:
                 raise ValueError(f"{path}:{lineno + 1} is not valid JSON ({err}).") from err
             if not isinstance(obj, dict) or text_key not in obj:
                 raise ValueError(
-                    f"{path}:{lineno + 1} has no {text_key!r} field. Fix: set data.text_key to the field that holds the text."
+                    f"{path}:{lineno + 1} has no {text_key!r} field. "
+                    "Fix: set data.text_key to the field that holds the text."
                 )
             docs.append((f"{rel}:{lineno}", str(obj[text_key])))
         return docs
@@ -183,7 +184,9 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError("data.paths=[] is empty. Fix: list at least one file or folder, or leave it unset.")
         if not isinstance(tokenizer, str):
             raise ValueError(f"data.tokenizer={tokenizer!r} must be 'byte' or a local path (a string).")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
             raise ValueError(f"data.max_tokens={max_tokens!r} must be an integer >= 1 (or null for no cap).")
         if not isinstance(text_key, str):
             raise ValueError(f"data.text_key={text_key!r} must be a string.")

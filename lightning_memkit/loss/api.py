@@ -12,7 +12,7 @@ from lightning_memkit._imports import require
 from lightning_memkit._tensors import is_symbolic
 from lightning_memkit.loss.chunked import LossOptions, chunked_linear_cross_entropy
 from lightning_memkit.loss.reference import reference_linear_cross_entropy
-from lightning_memkit.planner.tracker import note_head_input
+from lightning_memkit.step_context import note_head_input
 
 IMPLS = ("auto", "triton", "chunked", "torch")
 REDUCTIONS = ("mean", "sum", "none")
@@ -23,7 +23,8 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tenso
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not an implementation. Fix: use one of {', '.join(map(repr, IMPLS))}.")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not supported. Fix: use one of {', '.join(map(repr, REDUCTIONS))}.")
+        raise ValueError(f"reduction={reduction!r} is not supported. Fix: use one of "
+            f"{', '.join(map(repr, REDUCTIONS))}.")
     if weight.ndim != 2:
         raise ValueError(f"weight must be (V, D); got shape {tuple(weight.shape)}.")
     if hidden.shape[-1] != weight.shape[1]:
@@ -40,7 +41,8 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tenso
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be int64 or int32 class indices; got {targets.dtype}.")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
-        raise ValueError(f"bias must be ({weight.shape[0]},) of dtype {weight.dtype}; got {tuple(bias.shape)} {bias.dtype}.")
+        raise ValueError(f"bias must be ({weight.shape[0]},) of dtype {weight.dtype}; got {tuple(bias.shape)} "
+            f"{bias.dtype}.")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap={softcap!r} must be > 0 (or None for no softcapping).")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -64,7 +66,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype = torch.flo
     """``"auto"`` -> ``"chunked"``, except with ``filter_eps`` on CUDA (fp32/bf16/fp16) -> ``"triton"``
     (only the Triton path filters); other names unchanged.
 
-    Why not Triton by default on CUDA: measured on an H100 (README), the Triton backward (fp32
+    Why not Triton by default on CUDA: measured on an H100 (docs/benchmarks.md), the Triton backward (fp32
     atomics per block pair) takes 600-950 ms for a Gemma-2-2B head where the chunked path takes
     ~220 ms and the materialized one 74 ms; its forward is fast (42 ms vs 30 ms).
     """
@@ -117,9 +119,10 @@ def linear_cross_entropy(
         impl: ``"triton"`` (fused GPU kernels), ``"chunked"`` (PyTorch, any device), ``"torch"`` (the
             materialized reference), or ``"auto"``: Triton on CUDA, chunked elsewhere.
         chunk_size: tokens per chunk for ``"chunked"``; default: about 64 MiB of fp32 logits.
-        filter_eps: ``"triton"`` (or ``"auto"`` where it picks Triton) only: drop gradient entries (of the logits) smaller than this and skip
-            blocks where all are dropped (Cut Cross-Entropy's gradient filtering; approximate). None
-            (default) keeps the gradient exact. ``2**-12`` is below bf16's resolution of the gradient.
+        filter_eps: ``"triton"`` (or ``"auto"`` where it picks Triton) only: drop gradient entries (of the logits)
+            smaller than this and skip blocks where all are dropped (Cut Cross-Entropy's gradient filtering;
+            approximate). None (default) keeps the gradient exact. ``2**-12`` is below bf16's resolution of the
+            gradient.
 
     Returns:
         fp32 loss: a scalar, or ``targets``' shape (after ``shift``) with ``reduction="none"``.
@@ -141,7 +144,8 @@ def linear_cross_entropy(
             raise ValueError(f"impl='triton' takes float32, bfloat16 or float16 inputs, not {hidden.dtype}. "
                              "Fix: use impl='chunked' for this dtype.")
         if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"impl='triton' needs CUDA tensors (got {hidden.device.type}); on CPU set TRITON_INTERPRET=1 "
+            raise ValueError(f"impl='triton' needs CUDA tensors (got {hidden.device.type}); on CPU set "
+                "TRITON_INTERPRET=1 "
                              "before importing lightning_memkit (slow; for tests) or use impl='chunked'.")
     else:
         filter_eps = None  # "auto" resolved to a path without filtering: gradients stay exact

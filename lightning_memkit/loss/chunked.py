@@ -165,8 +165,8 @@ def _weight_grad_by_slabs(
             if opts.z_loss:
                 g.mul_((1.0 + 2.0 * opts.z_loss * lse[sl]).unsqueeze(1))
             t = targets[sl] - v0
-            hit = ((t >= 0) & (t < v1 - v0)).to(g.dtype) * -(1.0 - opts.label_smoothing)  # target in this slab (g's dtype:
-            # bf16-true precision makes bf16 the default dtype inside the step)
+            # the target in this slab (g's dtype: bf16-true precision makes bf16 the default dtype inside the step)
+            hit = ((t >= 0) & (t < v1 - v0)).to(g.dtype) * -(1.0 - opts.label_smoothing)
             g.scatter_add_(1, t.clamp(0, v1 - v0 - 1).unsqueeze(1), hit.unsqueeze(1))
             if opts.label_smoothing:
                 g.sub_(opts.label_smoothing / v)

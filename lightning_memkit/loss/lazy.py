@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from lightning_memkit.config import CrossEntropyConfig
+from lightning_memkit.loss.api import linear_cross_entropy
+from lightning_memkit.step_context import active_cross_entropy, count_fused_call
 from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward_once
 
 #: Tensor attributes read from the lazy tensor's own metadata (no materialization).
@@ -216,8 +218,6 @@ def _fused_cross_entropy(args: tuple, kwargs: dict) -> Optional[Tensor]:
     """``F.cross_entropy`` of lazy ``(N, V)`` logits and ``(N,)`` class indices by ``linear_cross_entropy``; None
     when the call is outside what the fused loss reproduces (the caller materializes)."""
     global _fused_losses
-    from lightning_memkit.loss.api import linear_cross_entropy
-    from lightning_memkit.loss.toggle import _count_fused_call
 
     try:
         bound = _CE_SIGNATURE.bind(*args, **kwargs)
@@ -252,7 +252,7 @@ def _fused_cross_entropy(args: tuple, kwargs: dict) -> Optional[Tensor]:
             label_smoothing=float(a["label_smoothing"]), impl=cfg.impl, chunk_size=cfg.chunk_size,
             filter_eps=cfg.filter_eps,
         )
-    _count_fused_call()
+    count_fused_call()
     _fused_losses += 1
     here = torch.is_autocast_enabled(device)  # autocast runs cross_entropy in fp32; plainly it keeps the dtype
     return loss if here or lazy.dtype == torch.float32 else loss.to(lazy.dtype)
@@ -267,7 +267,6 @@ class LazyHeadForward(ForwardWrapper):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from torch._subclasses.fake_tensor import FakeTensor
-        from lightning_memkit.loss.toggle import active_cross_entropy
 
         config = active_cross_entropy()
         hidden = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args else None

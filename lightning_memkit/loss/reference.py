@@ -39,7 +39,8 @@ def reference_linear_cross_entropy(
             logits, targets, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
     valid = targets != ignore_index
-    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
     loss = loss + torch.where(valid, z_loss * logits.logsumexp(-1).square(), 0.0)
     if reduction == "none":
         return loss

@@ -1,7 +1,9 @@
 """The ``cross_entropy="fused"`` toggle: how models pick up the fused loss without code changes.
 
 ``MemKitStrategy`` activates a :class:`~lightning_memkit.config.CrossEntropyConfig` around every
-step (a context variable). Code that computes a causal-LM loss asks :func:`active_cross_entropy`:
+step (a context variable of :mod:`lightning_memkit.step_context`, re-exported here with its counter:
+:func:`use_cross_entropy`, :func:`active_cross_entropy`, :func:`fused_call_count`). Code that computes a
+causal-LM loss asks :func:`active_cross_entropy`:
 
 - :func:`causal_lm_loss` (used by ``CausalLMModule``; the one call an ordinary module needs) takes a
   model with ``forward_hidden`` and ``lm_head`` (the reference model, ``HFCausalLM``) and computes
@@ -13,51 +15,37 @@ step (a context variable). Code that computes a causal-LM loss asks :func:`activ
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_memkit.config import CrossEntropyConfig
 from lightning_memkit.loss.api import linear_cross_entropy
-from lightning_memkit.models.families import HF_FAMILIES, hf_family, unsupported_loss_extras
+from lightning_memkit.models.families import (
+    HF_FAMILIES,
+    hf_family,
+    is_hf_causal_lm,
+    is_hf_language_model,
+    unsupported_loss_extras,
+)
+from lightning_memkit.step_context import (
+    active_cross_entropy,
+    active_sequence_runtime,
+    as_keywords,
+    count_fused_call,
+    fused_call_count,
+    use_cross_entropy,
+)
 from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward_once
-
-_ACTIVE: contextvars.ContextVar[Optional[CrossEntropyConfig]] = contextvars.ContextVar("memkit_cross_entropy", default=None)
 
 #: Hugging Face model types whose head + loss the patched forward reproduces exactly (tested), from the family
 #: table :data:`~lightning_memkit.models.families.HF_FAMILIES`. Others (e.g. Granite's logits scaling, Cohere's
 #: logit_scale, Mixtral's router loss) keep their own forward.
 FUSABLE_HF_MODEL_TYPES = tuple(HF_FAMILIES)
 
-_fused_calls = 0
-
-
-def fused_call_count() -> int:
-    """How many losses the fused path has computed in this process (lets the strategy check it acts)."""
-    return _fused_calls
-
-
-def _count_fused_call() -> None:
-    global _fused_calls
-    _fused_calls += 1
-
-
-def active_cross_entropy() -> Optional[CrossEntropyConfig]:
-    """The fused cross-entropy settings in force for this step, or None (compute logits as usual)."""
-    return _ACTIVE.get()
-
-
-@contextlib.contextmanager
-def use_cross_entropy(config: Optional[CrossEntropyConfig]) -> Iterator[None]:
-    """Make ``config`` the active cross-entropy setting inside the block (None or unfused: off)."""
-    token = _ACTIVE.set(config if config is not None and config.fused else None)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+#: the old private name of :func:`~lightning_memkit.step_context.as_keywords` (tests name it)
+_as_keywords = as_keywords
 
 
 def _fused_kwargs(config: CrossEntropyConfig) -> dict[str, Any]:
@@ -78,15 +66,13 @@ def causal_lm_loss(
     :func:`~lightning_memkit.sequence.sequence_loss` (same value, gradients by SeCO / SpaCO / StreamBP).
     ``shift=True`` when ``labels`` are the inputs themselves (position i predicts labels[i + 1]).
     """
-    from lightning_memkit.sequence.toggle import active_sequence
-
-    sequence = active_sequence()
+    sequence = active_sequence_runtime()
     if sequence is not None:  # SeCO / SpaCO / StreamBP (they use the fused loss per chunk when it is on)
         return sequence.loss(model, input_ids, labels, ignore_index=ignore_index, shift=shift)
     config = active_cross_entropy()
     if config is not None and not unsupported_loss_extras(getattr(getattr(model, "hf", None), "config", None)):
         head = model.lm_head
-        _count_fused_call()
+        count_fused_call()
         return linear_cross_entropy(
             model.forward_hidden(input_ids), head.weight, labels, bias=head.bias, ignore_index=ignore_index,
             shift=shift, softcap=getattr(model, "logit_softcap", None), **_fused_kwargs(config),
@@ -95,22 +81,6 @@ def causal_lm_loss(
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index)
-
-
-def is_hf_causal_lm(module: nn.Module) -> bool:
-    """A Hugging Face decoder-only ``*ForCausalLM`` (``model`` + ``lm_head`` + ``config``)."""
-    return (
-        type(module).__name__.endswith("ForCausalLM")
-        and isinstance(getattr(module, "lm_head", None), nn.Linear)
-        and isinstance(getattr(module, "model", None), nn.Module)
-        and hasattr(module, "config")
-    )
-
-
-def is_hf_language_model(module: nn.Module) -> bool:
-    """A Hugging Face causal LM the fused loss may consider: the Llama layout (:func:`is_hf_causal_lm`) or any
-    family of the table (GPT-2's ``transformer`` + ``lm_head``, GPT-NeoX's ``gpt_neox`` + ``embed_out``)."""
-    return is_hf_causal_lm(module) or hf_family(module) is not None
 
 
 def is_fusable_hf_causal_lm(module: nn.Module) -> bool:
@@ -133,7 +103,7 @@ class _FusedHFForward(ForwardWrapper):
         if config is None:
             return self.inner(*args, **kwargs)
         if args:  # name the positional arguments (input_ids, attention_mask, ...) by the model's own signature
-            named = _as_keywords(self.inner, args, kwargs, self.module)
+            named = as_keywords(self.inner, args, kwargs, self.module)
             if named is None:  # a forward taking *args: keep Hugging Face's own path
                 return self.inner(*args, **kwargs)
             kwargs = named
@@ -163,7 +133,7 @@ class _FusedHFForward(ForwardWrapper):
         )
         if num_items is not None:  # Hugging Face's convention under gradient accumulation
             loss = loss / (num_items.to(loss.device) if isinstance(num_items, Tensor) else num_items)
-        _count_fused_call()
+        count_fused_call()
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         out = CausalLMOutputWithPast(
@@ -173,43 +143,6 @@ class _FusedHFForward(ForwardWrapper):
         return out
 
 
-def _innermost_forward(fn: Any, module: Optional[nn.Module] = None) -> Any:
-    """The model's real ``forward`` behind ``fn``: the chain of technique wrappers
-    (:class:`~lightning_memkit.techniques.ForwardWrapper`, whose signature is ``(*args, **kwargs)``) is
-    walked down to its innermost callable; when that still takes only ``*args``/``**kwargs`` (another
-    library's wrapper), the class's ``forward`` bound to ``module`` is used."""
-    import inspect
-
-    while isinstance(fn, ForwardWrapper):
-        fn = fn.inner
-    if module is not None:
-        kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
-        if kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
-            fn = type(module).forward.__get__(module, type(module))
-    return fn
-
-
-def _as_keywords(fn: Any, args: tuple, kwargs: dict[str, Any],
-                 module: Optional[nn.Module] = None) -> Optional[dict[str, Any]]:
-    """``args`` and ``kwargs`` as keyword arguments of the real forward behind ``fn`` (see
-    :func:`_innermost_forward`): ``model(ids, mask, labels=ids)`` gives ``input_ids``, ``attention_mask``,
-    ``labels``. None when a positional argument lands in the forward's ``*args`` (it has no name)."""
-    import inspect
-
-    bound = inspect.signature(_innermost_forward(fn, module)).bind_partial(*args, **kwargs)
-    out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = bound.signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            if value:
-                return None
-        else:
-            out[name] = value
-    return out
-
-
 def patch_hf_causal_lm(module: nn.Module) -> bool:
     """Route ``module.forward(labels=...)`` through the fused loss while the toggle is active."""
     return wrap_forward_once(module, _FusedHFForward, lambda inner, had: _FusedHFForward(module, inner, had))
@@ -217,3 +150,17 @@ def patch_hf_causal_lm(module: nn.Module) -> bool:
 
 def unpatch_hf_causal_lm(module: nn.Module) -> None:
     unwrap_forward(module, _FusedHFForward)
+
+
+__all__ = [
+    "FUSABLE_HF_MODEL_TYPES",
+    "active_cross_entropy",
+    "causal_lm_loss",
+    "fused_call_count",
+    "is_fusable_hf_causal_lm",
+    "is_hf_causal_lm",
+    "is_hf_language_model",
+    "patch_hf_causal_lm",
+    "unpatch_hf_causal_lm",
+    "use_cross_entropy",
+]

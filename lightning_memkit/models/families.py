@@ -165,3 +165,19 @@ def unsupported_loss_extras(config: Any) -> list[str]:
         if value is not None and value != neutral:
             out.append(f"{name}={value!r}")
     return out
+
+
+def is_hf_causal_lm(module: nn.Module) -> bool:
+    """A Hugging Face decoder-only ``*ForCausalLM`` (``model`` + ``lm_head`` + ``config``)."""
+    return (
+        type(module).__name__.endswith("ForCausalLM")
+        and isinstance(getattr(module, "lm_head", None), nn.Linear)
+        and isinstance(getattr(module, "model", None), nn.Module)
+        and hasattr(module, "config")
+    )
+
+
+def is_hf_language_model(module: nn.Module) -> bool:
+    """A Hugging Face causal LM the fused loss may consider: the Llama layout (:func:`is_hf_causal_lm`) or any
+    family of the table (GPT-2's ``transformer`` + ``lm_head``, GPT-NeoX's ``gpt_neox`` + ``embed_out``)."""
+    return is_hf_causal_lm(module) or hf_family(module) is not None

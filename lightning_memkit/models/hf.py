@@ -127,6 +127,8 @@ def load_hf_causal_lm(path: str, *, dtype: Optional[torch.dtype] = None, **kwarg
     from lightning_memkit.config import is_planning
 
     if is_planning():  # memkit plan builds on the meta device: shapes only, no weights read
-        return HFCausalLM(transformers.AutoModelForCausalLM.from_config(config, dtype=dtype or torch.get_default_dtype()))
+        return HFCausalLM(
+            transformers.AutoModelForCausalLM.from_config(config, dtype=dtype or torch.get_default_dtype())
+        )
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     return HFCausalLM(model)

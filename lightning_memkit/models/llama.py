@@ -363,7 +363,8 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
     if rope_type not in ("default", None):
         raise ValueError(f"RoPE scaling {rope_type!r} is not supported by the reference model; use the HF adapter.")
     window = getattr(hf_config, "sliding_window", None)
-    if window is not None and getattr(hf_config, "use_sliding_window", True) and window < hf_config.max_position_embeddings:
+    if (window is not None and getattr(hf_config, "use_sliding_window", True)
+            and window < hf_config.max_position_embeddings):
         raise ValueError(
             f"the Hugging Face config uses sliding-window attention (sliding_window={window}), which the reference "
             "model does not implement. Fix: use the HF adapter (load_hf_causal_lm / HFCausalLM) for this model."

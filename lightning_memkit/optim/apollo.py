@@ -2,8 +2,8 @@
 
 For a low-rank weight with gradient G (m x n): R = Pᵀ G (or G P) with a seeded Gaussian basis P
 (:class:`~lightning_memkit.optim.projectors.RandomProjector`, entries N(0, 1/r), a new one every
-``update_gap`` steps, drawn from the seed on the parameter's device at each step, never stored); Adam moments of R give the direction
-R̃ = m̂ / (√v̂ + ε). The update is the *full-rank* gradient scaled:
+``update_gap`` steps, drawn from the seed on the parameter's device at each step, never stored); Adam
+moments of R give the direction R̃ = m̂ / (√v̂ + ε). The update is the *full-rank* gradient scaled:
 
 - channel-wise (APOLLO): s_j = ‖R̃[:, j]‖ / (‖R[:, j]‖ + 1e-8) for each channel j of the kept
   (larger) dimension, G̃ = G · diag(s);

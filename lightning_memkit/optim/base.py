@@ -192,7 +192,8 @@ class MemKitOptimizer(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if eight_bit and "exp_avg_q" not in state:
-            state["exp_avg_q"], state["exp_avg_absmax"] = quantize_state(torch.zeros(p.numel(), device=p.device), signed=True)
+            state["exp_avg_q"], state["exp_avg_absmax"] = quantize_state(
+                torch.zeros(p.numel(), device=p.device), signed=True)
             state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_state(
                 torch.zeros(p.numel(), device=p.device), signed=False)
         bc2_sqrt, step_size = math.sqrt(1 - beta2**step), group["lr"] / (1 - beta1**step)
@@ -329,8 +330,8 @@ class MemKitOptimizer(torch.optim.Optimizer):
                              f"groups, the optimizer {len(self.param_groups)}.")
         shaping = sorted(set(self.defaults) - _ADAMW_GROUP_KEYS)  # the technique's own settings, e.g. rank
         if shaping and not any(k in group for group in groups for k in shaping):
-            raise ValueError(f"this optimizer state has none of {type(self).__name__}'s settings ({', '.join(shaping)}):"
-                             " another optimizer wrote it.")
+            raise ValueError(f"this optimizer state has none of {type(self).__name__}'s settings "
+                             f"({', '.join(shaping)}): another optimizer wrote it.")
         for i, (old, new) in enumerate(zip(groups, self.param_groups)):
             differ = [f"{k}: saved {old.get(k, '(absent)')!r}, now {new[k]!r}" for k in shaping if old.get(k) != new[k]]
             if differ:

@@ -44,7 +44,8 @@ def read_optimizer(optimizer: torch.optim.Optimizer) -> tuple[list[dict[str, Any
     for i, group in enumerate(optimizer.param_groups):
         where = f"{kind.__name__} param group {i}"
         if group.get("amsgrad"):
-            raise MemKitConfigError(f"{where} uses amsgrad=True, which no memkit optimizer implements. Fix: amsgrad=False.")
+            raise MemKitConfigError(
+                f"{where} uses amsgrad=True, which no memkit optimizer implements. Fix: amsgrad=False.")
         if group.get("maximize"):
             raise MemKitConfigError(f"{where} uses maximize=True, which no memkit optimizer implements. Fix: minimize.")
         decoupled = kind is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
@@ -146,7 +147,8 @@ def select_lowrank(module: nn.Module, patterns: Optional[tuple[str, ...]]) -> di
         if not linears:
             raise MemKitConfigError(
                 "optimizer: found no nn.Linear inside transformer blocks (nor GPT-2's Conv1D) to give the low-rank "
-                "rule (no block list recognized, or blocks without linear layers). Fix: name the modules with optimizer.target_modules, "
+                "rule (no block list recognized, or blocks without linear layers). "
+                "Fix: name the modules with optimizer.target_modules, "
                 "e.g. ['*.q_proj', '*.fc*'], or declare the blocks with a memkit_blocks() method."
             )
         return {m.weight: f"{name}.weight" for name, m in linears.items()
@@ -159,7 +161,8 @@ def select_lowrank(module: nn.Module, patterns: Optional[tuple[str, ...]]) -> di
             sample = ", ".join(list(candidates)[:8]) + (", ..." if len(candidates) > 8 else "")
             raise MemKitConfigError(
                 f"optimizer.target_modules pattern {pattern!r} matches no module with a 2-D weight. Candidates: "
-                f"{sample}. Fix: a pattern such as '*{list(candidates)[0].rsplit('.', 1)[-1] if candidates else 'proj'}'."
+                f"{sample}. Fix: a pattern such as "
+                f"'*{list(candidates)[0].rsplit('.', 1)[-1] if candidates else 'proj'}'."
             )
         trainable = [name for name in hits if candidates[name][0].requires_grad]
         if not trainable:

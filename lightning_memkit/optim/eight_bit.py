@@ -66,7 +66,8 @@ def bnb_optimizer(name: str, param_groups: Iterable[dict[str, Any]], *, lr: floa
                   eps: float, weight_decay: float) -> torch.optim.Optimizer:
     """bitsandbytes' 8-bit AdamW (``"adamw8bit"``) or its paged variant (``"paged_adamw8bit"``)."""
     if name not in BNB_OPTIMIZERS:
-        raise ValueError(f"{name!r} is not a bitsandbytes optimizer memkit exposes; use one of {sorted(BNB_OPTIMIZERS)}.")
+        raise ValueError(
+            f"{name!r} is not a bitsandbytes optimizer memkit exposes; use one of {sorted(BNB_OPTIMIZERS)}.")
     optim = require("bitsandbytes.optim", feature=f"optimizer={name!r}")
     cls = getattr(optim, BNB_OPTIMIZERS[name])
     return cls(list(param_groups), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

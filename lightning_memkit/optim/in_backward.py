@@ -42,7 +42,8 @@ class StepInBackward(torch.optim.Optimizer):
         if not isinstance(optimizer, MemKitOptimizer):
             raise TypeError(
                 f"step-in-backward drives memkit optimizers one parameter at a time; got {type(optimizer).__name__}. "
-                "Fix: use one of memkit's optimizers (adamw, galore_adamw, galore_adamw8bit, apollo, apollo_mini, frugal)."
+                "Fix: use one of memkit's optimizers "
+                "(adamw, galore_adamw, galore_adamw8bit, apollo, apollo_mini, frugal)."
             )
         super().__init__([{"params": [p for g in optimizer.param_groups for p in g["params"]]}], optimizer.defaults)
         self.optimizer = optimizer
@@ -141,11 +142,13 @@ def incompatibility(optimizer_name: str, accumulates_projected: bool, *, accumul
                     gradient_clip_val: Optional[float], precision: str, world_size: int) -> Optional[str]:
     """Why step-in-backward cannot run with these Trainer settings (with the alternative), or None."""
     if gradient_clip_val:
-        return (f"gradient_clip_val={gradient_clip_val} clips by the global norm of all gradients, but step-in-backward "
+        return (f"gradient_clip_val={gradient_clip_val} clips by the global norm of all gradients, "
+                "but step-in-backward "
                 "updates each parameter before the next gradient exists. Fix: drop gradient_clip_val, or set "
                 "optimizer.in_backward=false to keep clipping.")
     if precision in ("16-mixed", "16"):
-        return (f"precision={precision!r} uses a GradScaler, which unscales and checks all gradients after the backward "
+        return (f"precision={precision!r} uses a GradScaler, "
+                "which unscales and checks all gradients after the backward "
                 "pass; step-in-backward has used them by then. Fix: use precision='bf16-mixed' (no scaler), or "
                 "optimizer.in_backward=false.")
     if world_size > 1:
@@ -153,8 +156,10 @@ def incompatibility(optimizer_name: str, accumulates_projected: bool, *, accumul
                 "update from the hook would use this process's gradient only. Fix: train on one device, or set "
                 "optimizer.in_backward=false (ZeRO under DeepSpeed is the multi-GPU way to save this memory).")
     if accumulate_grad_batches > 1 and not accumulates_projected:
-        return (f"accumulate_grad_batches={accumulate_grad_batches} with optimizer {optimizer_name!r}: its update needs the "
+        return (f"accumulate_grad_batches={accumulate_grad_batches} with optimizer {optimizer_name!r}: "
+                "its update needs the "
                 "full accumulated gradient, so every full gradient would be kept across micro-batches -- the memory "
                 "step-in-backward exists to save. Fix: use galore_adamw / galore_adamw8bit (which accumulate the r x n "
-                "projected gradient), or accumulate_grad_batches=1 with a larger batch, or optimizer.in_backward=false.")
+                "projected gradient), or accumulate_grad_batches=1 with a larger batch, "
+                "or optimizer.in_backward=false.")
     return None

@@ -70,6 +70,8 @@ def predict_state_bytes(params: Iterable[tuple[str, tuple[int, ...], torch.dtype
         if name.startswith("galore") or (name == "frugal" and (config.proj or _default("frugal", "proj")) == "svd"):
             total += r * min(m, n) * 4
         if name.startswith("apollo"):
-            limiter = config.norm_growth_limit if config.norm_growth_limit is not None else _default(name, "norm_growth_limit")
+            limiter = config.norm_growth_limit
+            if limiter is None:
+                limiter = _default(name, "norm_growth_limit")
             total += 4 if limiter else 0
     return total

@@ -167,7 +167,8 @@ class SVDProjector(_Projector):
                     f"{name}: the SVD of its gradient failed in float32, float64 and with jitter, and there is no "
                     "earlier basis to keep. The gradient is likely non-finite (check the loss for nan/inf)."
                 )
-            warnings.warn(f"{name}: the SVD of its gradient failed; keeping the previous projection basis.", stacklevel=2)
+            warnings.warn(f"{name}: the SVD of its gradient failed; keeping the previous projection basis.",
+                          stacklevel=2)
         else:
             self.state["basis"] = basis
         self.mark_refreshed(step)

@@ -93,7 +93,8 @@ class OptimizerTechnique(Technique):
         module = trainer.lightning_module
         if module is not None and not module.automatic_optimization:
             raise MemKitConfigError(
-                "optimizer.in_backward=true needs Lightning's automatic optimization (the backward pass must run inside "
+                "optimizer.in_backward=true needs Lightning's automatic optimization "
+                "(the backward pass must run inside "
                 "optimizer.step(closure)); this module sets automatic_optimization=False. Fix: in_backward=false."
             )
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_memkit.config import MemKitConfigError
-from lightning_memkit.planner.plans import Row, Setting, check_weights_fit, choose, parse_budget
+from lightning_memkit.planner.search import Row, Setting, check_weights_fit, choose, parse_budget
 from lightning_memkit.planner.step import STAND_IN_NOTE
 
 
@@ -63,7 +63,7 @@ def fake_weights(module: nn.Module, fake_mode: Any, dtype: Optional[torch.dtype]
     back. Tensor attributes the step assigns are restored too, and so are plain ones (numbers, strings, lists,
     dicts, sets: a ``self.losses.append(loss.item())`` in training_step records the planner's stand-in value
     otherwise); a fake tensor left anywhere is an error."""
-    from lightning_memkit.planner.load import swap_to_fake
+    from lightning_memkit.planner.fake import swap_to_fake
 
     attributes = {id(m): {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)} for m in module.modules()}
     names = {id(m): (set(m._parameters), set(m._buffers)) for m in module.modules()}
@@ -100,8 +100,9 @@ def _budget(strategy: Any, value: Any, device: torch.device) -> tuple[int, str]:
     how = "given"
     if value == "auto":
         limit, how = int(limit * 0.9), "90% of the CUDA device's free memory"
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = torch.tensor([limit], dtype=torch.int64, device=device if torch.distributed.get_backend() == "nccl" else "cpu")
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([limit], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         limit, how = int(t.item()), how + ", the smallest over the processes"
     return limit, how
@@ -116,7 +117,7 @@ def choose_for_module(module: Any, trainer: Any, budget: Any, *, base: Setting, 
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lightning_memkit.planner.load import make_batch, weight_dtype
+    from lightning_memkit.planner.fake import make_batch, weight_dtype
     from lightning_memkit.planner.step import StepRunner
 
     device = trainer.strategy.root_device
@@ -124,8 +125,8 @@ def choose_for_module(module: Any, trainer: Any, budget: Any, *, base: Setting, 
     if any(hasattr(p, "ds_shape") for p in module.parameters()):
         raise MemKitConfigError(
             "memory_budget: the parameters are already partitioned by ZeRO-3 (built in configure_model under "
-            "DeepSpeed), so their full shapes are not visible at setup. Fix: build the model in __init__, or choose the "
-            "techniques with memkit plan and drop memory_budget."
+            "DeepSpeed), so their full shapes are not visible at setup. Fix: build the model in __init__, or choose "
+            "the techniques with memkit plan and drop memory_budget."
         )
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     dtype = weight_dtype(trainer.precision, base.zero_stage)

@@ -28,8 +28,8 @@ from lightning_memkit.config import (
     parse_optimizer,
     parse_sequence,
 )
-from lightning_memkit.memory import storage_bytes
-from lightning_memkit.planner.tracker import DYNAMIC, CategoryTracker
+from lightning_memkit.planner.tracker import DYNAMIC, CategoryTracker, storage_bytes, storage_ids
+from lightning_memkit.technique_set import TechniqueSet
 
 #: Categories of a planned step, in table order.
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "logits_loss", "temporaries", "other")
@@ -77,14 +77,6 @@ def _changed_fields(config: Any) -> dict[str, Any]:
             if getattr(config, f.name) != getattr(default, f.name)}
 
 
-def human_bytes(n: float) -> str:
-    """``"14.96 GiB"``, ``"1.95 MiB"``."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale / 4:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 @dataclass
 class StepResult:
     """What one planned step measured (bytes) or computed."""
@@ -102,12 +94,6 @@ class StepResult:
     @property
     def peak(self) -> int:
         return sum(self.at_peak.values())
-
-
-def _storage_ids(tensors: Any) -> set[int]:
-    from torch.distributed._tools.common_utils import get_untyped_storages
-
-    return {id(st) for t in tensors for st in get_untyped_storages(t)}
 
 
 def head_modules(module: nn.Module) -> list[nn.Module]:
@@ -280,19 +266,18 @@ class StepRunner:
         self.precision = trainer.precision_plugin if trainer is not None else None
         self.last_optimizer: Any = None  # the optimizer of the last run (tests read its state)
 
-    def _optimizer(self, techniques: list[Any]) -> Any:
+    def _optimizer(self, techniques: TechniqueSet) -> Any:
         from lightning.pytorch.core.optimizer import _configure_optimizers
 
         conf = self.module.configure_optimizers()
         if conf is None:
-            raise MemKitConfigError(f"{type(self.module).__name__}.configure_optimizers returned None: nothing to plan.")
+            raise MemKitConfigError(f"{type(self.module).__name__}.configure_optimizers returned None: nothing to "
+                "plan.")
         optimizers, _schedulers, _monitor = _configure_optimizers(conf)
         if len(optimizers) != 1:
             raise MemKitConfigError(f"configure_optimizers returned {len(optimizers)} optimizers; the planner runs one "
                                     "(automatic optimization). Fix: plan a module with a single optimizer.")
-        for technique in techniques:
-            optimizers = technique.setup_optimizers(optimizers)
-        return optimizers[0]
+        return techniques.convert_optimizers(optimizers)[0]
 
     @staticmethod
     def warm_optimizer(optimizer: Any) -> None:
@@ -317,21 +302,12 @@ class StepRunner:
         Raises:
             MemKitConfigError: the setting cannot run with this Trainer or module (the reason says why).
         """
-        from lightning_memkit.strategy import build_techniques
-
-        activations, cross_entropy, optimizer_config, sequence = setting.parsed()
-        techniques = build_techniques(activations, cross_entropy, optimizer_config, sequence)
+        techniques = TechniqueSet.build(*setting.parsed())
         module, result = self.module, StepResult()
         module.zero_grad(set_to_none=True)
-        installed: list[Any] = []
         capture_hooks: list[Any] = []
         try:
-            for technique in techniques:
-                if self.trainer is not None:
-                    technique.setup_trainer(self.trainer)
-            for technique in techniques:
-                installed.append(technique)
-                technique.setup_module(module)
+            techniques.install(module, self.trainer)
             if capture:  # registered before the optimizer's own hooks: a step in backward consumes the gradients
                 names = {p: n for n, p in module.named_parameters()}
 
@@ -339,7 +315,8 @@ class StepRunner:
                     if p.grad is not None:
                         result.gradients[names[p]] = p.grad.detach().clone()
 
-                capture_hooks = [p.register_post_accumulate_grad_hook(keep) for p in module.parameters() if p.requires_grad]
+                capture_hooks = [p.register_post_accumulate_grad_hook(keep) for p in module.parameters()
+                                 if p.requires_grad]
             try:
                 optimizer = self._optimizer(techniques)
             except MemKitConfigError:
@@ -388,8 +365,7 @@ class StepRunner:
         finally:
             for hook in capture_hooks:
                 hook.remove()
-            for technique in reversed(installed):
-                technique.teardown(module)
+            techniques.uninstall()
             module.zero_grad(set_to_none=True)
         return result
 
@@ -398,7 +374,7 @@ class StepRunner:
         from torch.utils._pytree import tree_leaves
 
         params = list(self.module.parameters())
-        param_ids = _storage_ids(params)
+        param_ids = storage_ids(params)
         state = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, Tensor)]
         out = dict.fromkeys(CATEGORIES, 0)
         out["parameters"] = storage_bytes(params)
@@ -407,7 +383,7 @@ class StepRunner:
         out["other"] = storage_bytes(other, exclude=param_ids)
         return out
 
-    def _step(self, techniques: list[Any], optimizer: Any, tracker: Optional[CategoryTracker], result: StepResult,
+    def _step(self, techniques: TechniqueSet, optimizer: Any, tracker: Optional[CategoryTracker], result: StepResult,
               capture: bool) -> None:
         module = self.module
 
@@ -415,13 +391,12 @@ class StepRunner:
             with contextlib.ExitStack() as stack:
                 if self.precision is not None:
                     stack.enter_context(self.precision.forward_context())
-                for technique in techniques:
-                    stack.enter_context(technique.step_context())
+                stack.enter_context(techniques.step_context())
                 out = module.training_step(self.batch, 0)
             loss = out["loss"] if isinstance(out, dict) else out
             if not isinstance(loss, Tensor):
-                raise MemKitConfigError(f"{type(module).__name__}.training_step returned {type(out).__name__}, not a loss "
-                                        "tensor (or a dict with 'loss'): nothing to back-propagate.")
+                raise MemKitConfigError(f"{type(module).__name__}.training_step returned {type(out).__name__}, not a "
+                                        "loss tensor (or a dict with 'loss'): nothing to back-propagate.")
             if tracker is not None:
                 tracker.begin_backward(loss)
             loss.backward()

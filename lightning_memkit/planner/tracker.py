@@ -13,10 +13,17 @@ is created, and keeps the counts at the moment of the step's peak:
 - ``temporaries``: everything else the backward pass and the optimizer step create (the
   recomputation of checkpointed blocks in the backward is filed here too).
 
-What existed before the step (parameters, buffers, optimizer state, the batch) is not counted here:
-the planner adds it exactly from the objects. The phase (forward / backward / optimizer) is set by
-the caller; with a sequence method, forward and backward interleave chunk by chunk inside the loss,
-so that work is filed under the forward's categories (the peak is exact; the split is not).
+What existed before the step (parameters, buffers, optimizer state, the batch) is not counted unless
+handed to :meth:`CategoryTracker.count_existing` (then it is counted, under the category given, for as long
+as it lives): the planner adds it exactly from the objects instead. The phase (forward / backward / optimizer)
+is set by the caller; with a sequence method, forward and backward interleave chunk by chunk inside the loss,
+so that work is filed under the forward's categories (the peak is exact; the split is not). In the ``"auto"``
+phase (a step the caller does not drive, such as a Lightning step seen from a callback) an operator that the
+autograd engine runs is backward work and anything else forward work; the optimizer phase is still the
+caller's to set (:class:`~lightning_memkit.memory.StepMemoryTracker` does it from the optimizers' step hooks).
+
+This is the package's one measurement of tensor memory: the planner, :class:`~lightning_memkit.memory.LiveBytes`,
+``StepMemoryTracker`` and the ``MemoryReport`` callback all count with it.
 """
 
 from __future__ import annotations
@@ -28,17 +35,15 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+# the fused loss calls step_context.note_head_input (below the planner); an active tracker observes it
+from lightning_memkit.step_context import observe_head_inputs
+
 #: Categories of what the step creates, in table order.
 DYNAMIC = ("gradients", "activations", "logits_loss", "temporaries")
 
-_ACTIVE: list["CategoryTracker"] = []
 
-
-def note_head_input(hidden: Tensor) -> None:
-    """Called where an LM head or a fused loss starts (its input: the hidden states). Does nothing
-    unless a :class:`CategoryTracker` is active."""
-    for tracker in _ACTIVE:
-        tracker.head_started(hidden)
+#: The phases :attr:`CategoryTracker.phase` takes ("auto": backward told apart by the autograd engine).
+PHASES = ("forward", "backward", "optimizer", "auto")
 
 
 def _storages(t: Tensor) -> list[Any]:
@@ -47,13 +52,36 @@ def _storages(t: Tensor) -> list[Any]:
     return list(get_untyped_storages(t))
 
 
+def storage_bytes(tensors: Iterable[Any], exclude: Optional[set[int]] = None) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (works on fake tensors, which have no data pointer);
+    non-tensors are skipped, and storages whose ``id`` is in ``exclude`` left out."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, Tensor):
+            for st in _storages(t):
+                seen[id(st)] = st.nbytes()
+    return sum(v for k, v in seen.items() if not exclude or k not in exclude)
+
+
+def storage_ids(tensors: Iterable[Any]) -> set[int]:
+    """The ``id`` of every storage behind ``tensors`` (for ``exclude=`` of :func:`storage_bytes`)."""
+    return {id(st) for t in tensors if isinstance(t, Tensor) for st in _storages(t)}
+
+
 class CategoryTracker:
     """Context manager counting the storages a step creates, by category (see the module docstring).
 
     Args:
         parameters: the model's parameters: their accumulated gradients are moved to ``gradients``.
-        heads: modules whose forward starts the logits/loss part (the LM head); :func:`note_head_input`
-            marks it too (the fused loss calls it).
+        heads: modules whose forward starts the logits/loss part (the LM head);
+            :func:`~lightning_memkit.step_context.note_head_input` marks it too (the fused loss calls it; the tracker
+            observes it while active).
+        phase: the starting phase, one of :data:`PHASES` (``"auto"``: see the module docstring).
+        optimizer_category: where what the optimizer phase creates is filed: ``"temporaries"`` (the planner: the
+            state exists before its measured step) or ``"optimizer_state"`` (a step that may create the state).
+
+    Raises:
+        ValueError: an unknown ``phase``.
 
     Attributes:
         now, peak_by_category: bytes per category now, and at the moment of the peak. ``current``: their sum.
@@ -61,7 +89,10 @@ class CategoryTracker:
         work_peak, work_peak_by_category: the same without gradients, over the forward and backward only.
     """
 
-    def __init__(self, parameters: Iterable[Tensor] = (), heads: Iterable[nn.Module] = ()) -> None:
+    def __init__(self, parameters: Iterable[Tensor] = (), heads: Iterable[nn.Module] = (), *, phase: str = "forward",
+                 optimizer_category: str = "temporaries") -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r} is not a phase. Fix: one of {PHASES}.")
         self.now = dict.fromkeys(DYNAMIC, 0)
         self.peak = 0
         self.peak_by_category = dict(self.now)
@@ -70,7 +101,8 @@ class CategoryTracker:
         # steps on the CPU, so the planner adds its model states to this)
         self.work_peak = 0
         self.work_peak_by_category = dict(self.now)
-        self.phase = "forward"
+        self.phase = phase
+        self.optimizer_category = optimizer_category
         self._in_head = False
         self._head_inputs: list[Any] = []  # grad_fn of the hidden states entering a head
         self._head_nodes: set[Any] = set()
@@ -79,6 +111,7 @@ class CategoryTracker:
         self._parameters = [p for p in parameters if p.requires_grad]
         self._heads = list(heads)
         self._hooks: list[Any] = []
+        self._observing: Any = None
 
     @property
     def current(self) -> int:
@@ -86,8 +119,11 @@ class CategoryTracker:
         return sum(self.now.values())
 
     # ----- phases ---------------------------------------------------------------------------------
+    def _in_backward(self) -> bool:
+        return self.phase == "backward" or (self.phase == "auto" and torch._C._current_autograd_node() is not None)
+
     def head_started(self, hidden: Any) -> None:
-        if self.phase == "forward":
+        if self.phase == "forward" or (self.phase == "auto" and not self._in_backward()):
             self._in_head = True
             if isinstance(hidden, Tensor) and hidden.grad_fn is not None:
                 self._head_inputs.append(hidden.grad_fn)
@@ -112,10 +148,17 @@ class CategoryTracker:
         self.phase = "optimizer"
 
     def _category(self) -> str:
+        if self.phase == "auto":
+            if torch._C._current_autograd_node() is None:
+                return "logits_loss" if self._in_head else "activations"
+            self._in_head = False  # the backward has started: a later forward is a new pass
+            return "temporaries"
         if self.phase == "forward":
             return "logits_loss" if self._in_head else "activations"
         if self.phase == "backward" and self._head_nodes and torch._C._current_autograd_node() in self._head_nodes:
             return "logits_loss"
+        if self.phase == "optimizer":
+            return self.optimizer_category
         return "temporaries"
 
     # ----- bookkeeping ----------------------------------------------------------------------------
@@ -133,6 +176,25 @@ class CategoryTracker:
             if key not in self._refs and key not in self._before:
                 self._before[key] = weakref.ref(st, partial(self._forget, key))
 
+    def _add_category(self, category: str) -> None:
+        if category not in self.now:
+            for counts in (self.now, self.peak_by_category, self.max_by_category, self.work_peak_by_category):
+                counts[category] = 0
+
+    def _count(self, st: Any, category: str) -> None:
+        key, nbytes = id(st), st.nbytes()
+        self._refs[key] = (weakref.ref(st, partial(self._release, key)), nbytes, category)
+        self.now[category] += nbytes
+        self.max_by_category[category] = max(self.max_by_category[category], self.now[category])
+        total = sum(self.now.values())
+        if total > self.peak:
+            self.peak = total
+            self.peak_by_category = dict(self.now)
+        work = total - self.now["gradients"]
+        if self.phase != "optimizer" and work > self.work_peak:
+            self.work_peak = work
+            self.work_peak_by_category = dict(self.now, gradients=0)
+
     def _track(self, t: Tensor) -> None:
         category: Optional[str] = None
         for st in _storages(t):
@@ -140,29 +202,43 @@ class CategoryTracker:
             if key in self._refs or key in self._before:
                 continue
             category = category or self._category()
-            nbytes = st.nbytes()
-            self._refs[key] = (weakref.ref(st, partial(self._release, key)), nbytes, category)
-            self.now[category] += nbytes
-            self.max_by_category[category] = max(self.max_by_category[category], self.now[category])
-            total = sum(self.now.values())
-            if total > self.peak:
-                self.peak = total
-                self.peak_by_category = dict(self.now)
-            work = total - self.now["gradients"]
-            if self.phase != "optimizer" and work > self.work_peak:
-                self.work_peak = work
-                self.work_peak_by_category = dict(self.now, gradients=0)
+            self._add_category(category)
+            self._count(st, category)
+
+    def count_existing(self, category: str, tensors: Iterable[Any], exclude: Optional[set[int]] = None) -> None:
+        """Count the storages behind ``tensors`` (created before the step) under ``category`` while they live.
+
+        A storage already counted keeps its category; non-tensors are skipped, and storages whose ``id`` is in
+        ``exclude`` (:func:`storage_ids`) left out.
+        """
+        self._add_category(category)
+        for t in tensors:
+            if not isinstance(t, Tensor):
+                continue
+            for st in _storages(t):
+                key = id(st)
+                if key not in self._refs and (not exclude or key not in exclude):
+                    self._before.pop(key, None)
+                    self._count(st, category)
+
+    def move_to(self, category: str, tensors: Iterable[Any]) -> None:
+        """File the counted storages behind ``tensors`` under ``category`` from now on (the peak's split, taken
+        before, is not changed)."""
+        self._add_category(category)
+        for t in tensors:
+            if not isinstance(t, Tensor):
+                continue
+            for st in _storages(t):
+                entry = self._refs.get(id(st))
+                if entry is not None and entry[2] != category:
+                    self.now[entry[2]] -= entry[1]
+                    self.now[category] += entry[1]
+                    self._refs[id(st)] = (entry[0], entry[1], category)
+                    self.max_by_category[category] = max(self.max_by_category[category], self.now[category])
 
     def _to_gradients(self, p: Tensor) -> None:
-        if p.grad is None:
-            return
-        for st in _storages(p.grad):
-            entry = self._refs.get(id(st))
-            if entry is not None and entry[2] != "gradients":
-                self.now[entry[2]] -= entry[1]
-                self.now["gradients"] += entry[1]
-                self._refs[id(st)] = (entry[0], entry[1], "gradients")
-                self.max_by_category["gradients"] = max(self.max_by_category["gradients"], self.now["gradients"])
+        if p.grad is not None:
+            self.move_to("gradients", [p.grad])
 
     # ----- context --------------------------------------------------------------------------------
     def __enter__(self) -> "CategoryTracker":
@@ -187,7 +263,8 @@ class CategoryTracker:
                         for h in self._heads]
         self._mode = _Mode()
         self._mode.__enter__()
-        _ACTIVE.append(self)
+        self._observing = observe_head_inputs(self.head_started)
+        self._observing.__enter__()
         return self
 
     def add_gradients(self, parameters: Iterable[Tensor]) -> None:
@@ -199,7 +276,7 @@ class CategoryTracker:
                 self._to_gradients(p)
 
     def __exit__(self, *exc: object) -> None:
-        _ACTIVE.remove(self)
+        self._observing.__exit__(None, None, None)
         self._mode.__exit__(*exc)
         for h in self._hooks:
             h.remove()

@@ -64,7 +64,8 @@ def techniques_of(setting: Setting) -> list[tuple[str, Setting, bool]]:
         label = f"activations: compress={a.compress}" + (", offload" if a.offload else "")
         out.append((label, dataclasses.replace(REFERENCE, activations=only), a.compress == "none"))
     if ce.fused:
-        out.append((f"cross_entropy: fused ({ce.impl})", dataclasses.replace(REFERENCE, cross_entropy=ce), ce.filter_eps is None))
+        out.append((f"cross_entropy: fused ({ce.impl})", dataclasses.replace(REFERENCE, cross_entropy=ce),
+                    ce.filter_eps is None))
     if s.enabled:
         out.append((f"sequence: {s.method}", dataclasses.replace(REFERENCE, sequence=s), s.exact))
     if o.enabled:
@@ -76,7 +77,9 @@ def techniques_of(setting: Setting) -> list[tuple[str, Setting, bool]]:
 
 
 def _flat(tensors: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
-    return torch.cat([tensors[n].detach().double().flatten() for n in names]) if names else torch.zeros(0, dtype=torch.float64)
+    if not names:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([tensors[n].detach().double().flatten() for n in names])
 
 
 def compare(name: str, exact: bool, ref: StepResult, run: StepResult, dtype: torch.dtype) -> Check:

@@ -15,7 +15,7 @@ head), with the keys and values of earlier positions taken from a buffer. A
   ``dynamic``, ``longrope``) is honoured.
 
 Any other model takes part by defining ``memkit_sequence_adapter()`` returning a
-:class:`SequenceAdapter` subclass (see the README). :func:`get_adapter` finds or builds the adapter and
+:class:`SequenceAdapter` subclass (see docs/sequence.md). :func:`get_adapter` finds or builds the adapter and
 raises, naming what is missing, for a model it cannot drive.
 
 Shapes: B batch, c chunk length, e keys up to the chunk's end, D width, H query heads, K key/value
@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_memkit.config import MemKitConfigError
-from lightning_memkit.models.families import HF_FAMILIES, HFFamily, SequenceLayout, hf_family
+from lightning_memkit.models.families import (
+    HF_FAMILIES,
+    HFFamily,
+    SequenceLayout,
+    hf_family,
+    is_hf_language_model,
+)
 
 
 class SequenceAdapter(abc.ABC):
@@ -243,10 +249,11 @@ def _family_of(hf: nn.Module) -> tuple[HFFamily, SequenceLayout]:
     drivable = sorted(t for t, f in HF_FAMILIES.items() if f.sequence is not None)
     if family is None:
         raise MemKitConfigError(
-            f"sequence methods cannot drive the Hugging Face model {type(hf).__name__} (model type {kind!r}): it is not "
+            f"sequence methods cannot drive the Hugging Face model {type(hf).__name__} (model type {kind!r}): it is "
+            "not "
             f"in memkit's family table, so where its blocks' norms and projections are is unknown. Driven and tested: "
-            f"{drivable}. Fix: use one of them, add the family to lightning_memkit.models.families.HF_FAMILIES, or give "
-            "the model a memkit_sequence_adapter() (see docs/models.md)."
+            f"{drivable}. Fix: use one of them, add the family to lightning_memkit.models.families.HF_FAMILIES, or "
+            "give the model a memkit_sequence_adapter() (see docs/models.md)."
         )
     if family.sequence is None:
         raise MemKitConfigError(
@@ -419,7 +426,6 @@ def find_adapter(model: nn.Module) -> Optional[SequenceAdapter]:
     """The adapter for ``model`` (built afresh: it is cheap, and caching it would keep the model alive),
     or None if it is none of the kinds memkit drives. Raises for a recognized model with parts the
     methods cannot drive."""
-    from lightning_memkit.loss.toggle import is_hf_language_model
     from lightning_memkit.models.hf import HFCausalLM
     from lightning_memkit.models.llama import Transformer
 

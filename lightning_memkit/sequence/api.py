@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_memkit.config import CrossEntropyConfig, MemKitConfigError, SequenceConfig
+from lightning_memkit.loss.api import linear_cross_entropy
 from lightning_memkit.sequence.adapter import SequenceAdapter, get_adapter
 from lightning_memkit.sequence.core import BlockCall, direct_call
 from lightning_memkit.sequence.seco import SeCO
@@ -42,8 +43,6 @@ def _loss_fn(ad: SequenceAdapter, cross_entropy: Optional[CrossEntropyConfig], i
     def loss(hidden: Tensor, targets: Tensor) -> Tensor:
         head = ad.lm_head  # read at call time: inside the backward these are the parameter aliases
         if cross_entropy is not None and cross_entropy.fused:
-            from lightning_memkit.loss.api import linear_cross_entropy
-
             return linear_cross_entropy(
                 hidden, head.weight, targets, bias=head.bias, ignore_index=ignore_index, reduction="sum",
                 impl=cross_entropy.impl, chunk_size=cross_entropy.chunk_size, filter_eps=cross_entropy.filter_eps,
@@ -207,7 +206,8 @@ class _Run:
 
 def _several_processes() -> bool:
     """Under DDP gradients go back through the outer backward, where DDP's reducer expects them."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -267,7 +267,8 @@ def sequence_loss(
     """
     config = SequenceConfig(method=method, chunk_size=chunk_size, keep=keep, seed=seed)
     if not config.enabled:
-        raise MemKitConfigError("sequence_loss(method='none') has nothing to do. Fix: use 'streambp', 'seco' or 'spaco'.")
+        raise MemKitConfigError("sequence_loss(method='none') has nothing to do. Fix: use 'streambp', 'seco' or "
+            "'spaco'.")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} is not supported. Fix: use 'mean' or 'sum'.")
     if input_ids.ndim != 2 or labels.shape != input_ids.shape or input_ids.shape[1] == 0:

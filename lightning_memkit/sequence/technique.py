@@ -10,6 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_memkit.config import DEFAULT_SEQUENCE_CHUNK, MemKitConfigError, SequenceConfig
+from lightning_memkit.models.families import is_hf_causal_lm
 from lightning_memkit.sequence.adapter import SequenceAdapter, find_adapter
 from lightning_memkit.sequence.core import BlockCall
 from lightning_memkit.sequence.toggle import SequenceRuntime, patch_hf_forward, unpatch_hf_forward, use_sequence
@@ -85,14 +86,13 @@ class SequenceTechnique(Technique):
         self._trainer = trainer
 
     def setup_module(self, module: nn.Module) -> None:
-        from lightning_memkit.loss.toggle import is_hf_causal_lm
-
         c = self.config
         models, refused = drivable_models(module)
         if refused and not models:
             raise MemKitConfigError(f"sequence={c.method!r} cannot drive the model {refused[0]}")
         if refused:
-            rank_zero_warn(f"memkit: sequence={c.method!r} leaves these models to ordinary backprop: {'; '.join(refused)}")
+            rank_zero_warn(f"memkit: sequence={c.method!r} leaves these models to ordinary backprop: "
+                f"{'; '.join(refused)}")
         for model, _ in models:
             hf = getattr(model, "hf", model)
             if getattr(hf, "is_gradient_checkpointing", False):
@@ -104,8 +104,9 @@ class SequenceTechnique(Technique):
         if not models:
             raise MemKitConfigError(
                 f"sequence={c.method!r} found no causal LM it can drive in {type(module).__name__}: it drives the "
-                "reference Transformer, HFCausalLM, Hugging Face *ForCausalLM models of the families in docs/models.md, "
-                "and models with memkit_sequence_adapter(). Fix: keep the model as an attribute of the LightningModule and "
+                "reference Transformer, HFCausalLM, Hugging Face *ForCausalLM models of the families in "
+                "docs/models.md, and models with memkit_sequence_adapter(). Fix: keep the model as an attribute of the "
+                "LightningModule and "
                 "compute the loss with lightning_memkit.loss.causal_lm_loss(model, input_ids, labels) (or call the "
                 "Hugging Face model with labels=), or define memkit_sequence_adapter() on your model."
             )

@@ -1,7 +1,7 @@
 """The ``sequence=`` toggle: how a model's loss picks up SeCO / SpaCO / StreamBP without code changes.
 
-``MemKitStrategy`` activates a :class:`SequenceRuntime` around every step (a context variable).
-:func:`~lightning_memkit.loss.causal_lm_loss` asks :func:`active_sequence` first; Hugging Face
+``MemKitStrategy`` activates a :class:`SequenceRuntime` around every step (a context variable of
+:mod:`lightning_memkit.step_context`). :func:`~lightning_memkit.loss.causal_lm_loss` asks it first; Hugging Face
 ``*ForCausalLM`` models called with ``labels=`` get their ``forward`` wrapped for the fit
 (:func:`patch_hf_forward`): the loss comes from :func:`~lightning_memkit.sequence.sequence_loss` and
 the output's ``logits`` is ``None`` (with ``return_dict=False``: the tuple ``(loss,)``). Positional
@@ -13,14 +13,21 @@ position, as Hugging Face's does with labels) are accepted.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_memkit.config import SequenceConfig
+from lightning_memkit.sequence.api import sequence_loss
 from lightning_memkit.sequence.core import BlockCall, direct_call
+from lightning_memkit.step_context import (
+    active_cross_entropy,
+    active_sequence_runtime,
+    as_keywords,
+    count_fused_call,
+    use_sequence_runtime,
+)
 from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward_once
 
 
@@ -36,9 +43,6 @@ class SequenceRuntime:
 
     def loss(self, model: nn.Module, input_ids: Tensor, labels: Tensor, *, ignore_index: int = -100,
              shift: bool = False, reduction: str = "mean") -> Tensor:
-        from lightning_memkit.loss.toggle import _count_fused_call, active_cross_entropy
-        from lightning_memkit.sequence.api import sequence_loss
-
         self.calls += 1
         c = self.config
         early = self.early_gradients and c.method == "streambp" and torch.is_grad_enabled()
@@ -53,7 +57,7 @@ class SequenceRuntime:
                 )
         cross_entropy = active_cross_entropy()
         if cross_entropy is not None:  # each chunk's loss is the fused one
-            _count_fused_call()
+            count_fused_call()
         return sequence_loss(
             model, input_ids, labels, method=c.method, chunk_size=c.chunk_size, keep=c.keep, seed=c.seed,
             step=self.step(), ignore_index=ignore_index, shift=shift, cross_entropy=cross_entropy, call=self.call,
@@ -61,22 +65,16 @@ class SequenceRuntime:
         )
 
 
-_ACTIVE: contextvars.ContextVar[Optional[SequenceRuntime]] = contextvars.ContextVar("memkit_sequence", default=None)
-
-
 def active_sequence() -> Optional[SequenceRuntime]:
     """The sequence method in force for this step, or None (ordinary backprop)."""
-    return _ACTIVE.get()
+    return cast(Optional[SequenceRuntime], active_sequence_runtime())
 
 
 @contextlib.contextmanager
 def use_sequence(runtime: Optional[SequenceRuntime]) -> Iterator[None]:
-    """Make ``runtime`` the active sequence method inside the block (None: off)."""
-    token = _ACTIVE.set(runtime if runtime is not None and runtime.config.enabled else None)
-    try:
+    """Make ``runtime`` the active sequence method inside the block (None or not enabled: off)."""
+    with use_sequence_runtime(runtime if runtime is not None and runtime.config.enabled else None):
         yield
-    finally:
-        _ACTIVE.reset(token)
 
 
 #: the Hugging Face forward arguments the sequence methods honour (checked or equal to what they do); any other
@@ -97,10 +95,8 @@ class _SequenceHFForward(ForwardWrapper):
         runtime = active_sequence()
         if runtime is None:
             return self.inner(*args, **kwargs)
-        from lightning_memkit.loss.toggle import _as_keywords
-
         if args:  # named by the model's own forward signature (not the wrappers' (*args, **kwargs))
-            named = _as_keywords(self.inner, args, kwargs, self.module)
+            named = as_keywords(self.inner, args, kwargs, self.module)
             if named is None:
                 raise ValueError(
                     f"sequence={runtime.config.method!r} could not name the {len(args)} positional argument(s) of "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 
 import lightning.pytorch as pl
 import pytest
@@ -130,6 +129,7 @@ def _fit(corpus, activations, steps=30):
 LOSS_MARGIN = 0.05
 
 
+@pytest.mark.slow  # 20-40 s on the 2-core CPU machine
 def test_compressed_training_stays_within_a_margin_of_exact(small_corpus_dir):
     exact, _ = _fit(small_corpus_dir, None)
     base = float(exact.callback_metrics["val_loss"])
@@ -168,8 +168,8 @@ def test_an_ordinary_user_module_gets_compression(trainer_kwargs):
     from tests.helpers.models import UserModule
 
     module = UserModule()
-    trainer = pl.Trainer(strategy=MemKitStrategy(activations={"compress": "int8", "min_numel": 64}, cross_entropy="plain"),
-                         **{**trainer_kwargs, "max_steps": 2})
+    strategy = MemKitStrategy(activations={"compress": "int8", "min_numel": 64}, cross_entropy="plain")
+    trainer = pl.Trainer(strategy=strategy, **{**trainer_kwargs, "max_steps": 2})
     trainer.fit(module)
     manager = trainer.strategy.techniques[0].manager
     assert manager is not None and manager.original_bytes > 0  # the last step's blocks packed their activations
@@ -200,7 +200,8 @@ def test_a_pattern_that_matches_no_module_lists_candidates():
     model = Transformer(get_config("tiny"))
     with pytest.raises(MemKitConfigError, match=r"pattern '\*.nope' matches no module. Candidates: "):
         choose_modules(model, ("*.nope",))
-    assert set(choose_modules(model, ("blocks.*", "blocks.0.attn"))) == {f"blocks.{i}" for i in range(len(model.blocks))}
+    assert set(choose_modules(model, ("blocks.*", "blocks.0.attn"))) == {
+        f"blocks.{i}" for i in range(len(model.blocks))}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="offload needs a CUDA device")
@@ -307,7 +308,9 @@ def test_every_activation_mode_fits_through_the_strategy(trainer_kwargs):
                     {"checkpoint": "blocks", "checkpoint_every": 2, "compress": "int8", "min_numel": 64}):
         trainer = pl.Trainer(strategy=MemKitStrategy(activations=setting, cross_entropy="plain"),
                              **{**trainer_kwargs, "max_steps": 2})
-        with pytest.warns(UserWarning, match="offload does nothing") if setting is offload else contextlib.nullcontext():
+        expect = (pytest.warns(UserWarning, match="offload does nothing") if setting is offload
+                  else contextlib.nullcontext())
+        with expect:
             trainer.fit(UserModule())
         assert trainer.global_step == 2
         assert all(t.describe() for t in trainer.strategy.techniques)

@@ -138,3 +138,58 @@ def test_allocator_method_on_cuda():
     assert r.by_category["parameters"] == parameter_bytes(model)
     assert r.by_category["activations"] >= 512 * 1024 * 4
     assert r.allocator_peak == r.peak
+
+
+def test_tracker_measures_a_module_called_twice_in_one_step():
+    """Two forward/backward passes of the root module in one step (MemTracker, used before, refused this)."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(128, 64)
+    with StepMemoryTracker(model, [opt]) as tracker:
+        for _ in range(2):
+            model(x).square().mean().backward()
+        opt.step()
+    r = tracker.result()
+    assert r.by_category["parameters"] == parameter_bytes(model)
+    assert r.by_category["activations"] >= 128 * 256 * 4  # the hidden layer's output is saved
+    assert r.by_category["gradients"] == parameter_bytes(model)  # the first pass's gradients live through the second
+
+
+def test_report_and_planner_count_the_same_step_alike():
+    """StepMemoryTracker (MemoryReport) and the planner's StepRunner share one tracker: on the same step they
+    agree on the peak, the batch aside (the planner counts it under 'buffers + batch'; the report cannot see it)."""
+    from lightning_memkit.planner.step import Setting, StepRunner
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(32, 96), torch.nn.GELU(), torch.nn.Linear(96, 32))
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters())
+
+    torch.manual_seed(0)
+    module, batch = Tiny(), torch.randn(48, 32)
+    runner = StepRunner(module, None, batch)
+    planned = runner.run(Setting(cross_entropy="plain"), measure=True, warm=True)
+    with StepMemoryTracker(module) as tracker:  # the optimizer is built (and warmed) inside the measured step
+        runner.run(Setting(cross_entropy="plain"), warm=True)
+    r = tracker.result()
+    assert r.peak == planned.peak - batch.nbytes > 0
+    assert r.by_category["parameters"] == planned.at_peak["parameters"] == parameter_bytes(module)
+    assert r.by_category["gradients"] == planned.at_peak["gradients"]
+    assert r.by_category["optimizer_state"] == planned.at_peak["optimizer_state"] == 2 * parameter_bytes(module) + 4 * 4
+
+
+def test_one_byte_formatter():
+    from lightning_memkit import units
+    from lightning_memkit.planner import search
+
+    assert units.human_bytes(14.96 * units.GIB) == "14.96 GiB" and units.human_bytes(2 * units.MIB) == "2.00 MiB"
+    assert units.human_bytes(512) == "0.50 KiB" and units.human_bytes(100) == "100 B"
+    assert units.human_bytes(-3 * units.GIB) == "-3.00 GiB"  # an overshoot keeps its sign
+    assert units.table_unit(units.GIB / 4) == ("GiB", units.GIB) and units.table_unit(units.GIB / 5)[0] == "MiB"
+    assert search.human_bytes is units.human_bytes  # the planner's messages use the same formatter

@@ -3,7 +3,8 @@
 
 The data is 4 sequences and the global batch is 4 (all 4 on one process, or 2 on each of two), so
 every step sees the same sequences whatever order Lightning's DistributedSampler shuffles them into
-(it always shuffles training data). Rank 0 saves the final weights. Used by tests/test_strategy.py (Lightning's launcher re-runs this script per rank).
+(it always shuffles training data). Rank 0 saves the final weights. Used by tests/test_strategy.py
+(Lightning's launcher re-runs this script per rank).
 """
 
 import argparse

@@ -102,7 +102,7 @@ def checkpoint(step: int, megabytes: int) -> dict:
 
 
 def write_and_pause(io_name: str, path: str, megabytes: int, marker: str) -> None:
-    """Save ``checkpoint(1, 1)`` at ``path``, then ``checkpoint(2, megabytes)`` over it, paused for good once
+    r"""Save ``checkpoint(1, 1)`` at ``path``, then ``checkpoint(2, megabytes)`` over it, paused for good once
     half of its bytes are in a file of the checkpoint's folder, after creating ``marker``: the test SIGKILLs
     this process there. The pause stands in for a slow disk at the same stage of both writers: for
     AtomicCheckpointIO the file is its temporary file (``torch.save`` streams into it); for Lightning's

@@ -4,18 +4,20 @@ process group (N CPU processes, gloo), and save what each run saw. Used by tests
 ``--runs`` is a JSON list of runs: ``{"name", "strategy": MemKitStrategy kwargs, "steps",
 "optimizer": "adamw" | "sgd", "save_every": k (optional), "resume": name of an earlier run (optional),
 "resume_step": k, "export": true, "precision", "measure": true, "hf": true (a tiny Hugging Face Llama
-instead of the reference model; "labels": and the step calls it with labels=), "sequences": n (default 4), "trainer": more Trainer arguments, "validate": true (validate on the
-training data after every epoch) (optional), "expect_error": true (the fit must fail: its message is saved; such
-runs come last, as a failed fit may leave the process group unusable)}``. The data is 4 sequences and the global batch is 4 (4 on
-one process, 2 on each of two): every step sees all 4 sequences whatever order Lightning's
+instead of the reference model; "labels": and the step calls it with labels=), "sequences": n (default 4),
+"trainer": more Trainer arguments, "validate": true (validate on the training data after every epoch)
+(optional), "expect_error": true (the fit must fail: its message is saved; such runs come last, as a
+failed fit may leave the process group unusable)}``. The data is 4 sequences and the global batch is 4
+(4 on one process, 2 on each of two): every step sees all 4 sequences whatever order Lightning's
 DistributedSampler shuffles them into, so runs on 1 and 2 processes are comparable, and every
 epoch is one step (resuming from an end-of-epoch checkpoint of a longer epoch is off by one batch in
 Lightning 2.6).
 
 Rank 0 writes ``--out`` (``torch.save``), per run: the global-batch loss of each step (the mean of
-the ranks' losses), the strategy class, how many losses the fused cross-entropy computed and what the other techniques did
-(:class:`Evidence`), the initial and the final weights (gathered from ZeRO-3's partitions), the optimizer class
-DeepSpeed steps, and with ``measure`` the bytes DeepSpeed keeps per process (:class:`Partitions`).
+the ranks' losses), the strategy class, how many losses the fused cross-entropy computed and what the
+other techniques did (:class:`Evidence`), the initial and the final weights (gathered from ZeRO-3's
+partitions), the optimizer class DeepSpeed steps, and with ``measure`` the bytes DeepSpeed keeps per
+process (:class:`Partitions`).
 A run with ``save_every`` saves checkpoints (mid-epoch) under ``<workdir>/<name>/``.
 """
 
@@ -145,7 +147,8 @@ def fit(run: dict, devices: int, workdir: str) -> dict:
     if run.get("measure"):
         callbacks.append(partitions)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, precision=run.get("precision", "32-true"), strategy=lightning_memkit.MemKitStrategy(**run["strategy"]),
+        accelerator="cpu", devices=devices, precision=run.get("precision", "32-true"),
+        strategy=lightning_memkit.MemKitStrategy(**run["strategy"]),
         max_steps=run["steps"], logger=False, enable_checkpointing=bool(run.get("save_every")),
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=folder,
         **run.get("trainer", {}),
@@ -165,7 +168,8 @@ def fit(run: dict, devices: int, workdir: str) -> dict:
         return {"error": None, "losses": recorder.losses}
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=val, ckpt_path=ckpt_path)
     out = {"losses": recorder.losses, "strategy": type(trainer.strategy).__name__,
-           "initial": initial, "state": full_state(trainer, module), "val_history": list(module.val_history), "world_size": trainer.world_size, "partitions": partitions.numbers,
+           "initial": initial, "state": full_state(trainer, module), "val_history": list(module.val_history),
+           "world_size": trainer.world_size, "partitions": partitions.numbers,
            "fused_calls": fused_call_count() - fused_before, **evidence.numbers,
            "optimizer_class": type(getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])).__name__}
     if run.get("export"):  # the last checkpoint, consolidated into one file

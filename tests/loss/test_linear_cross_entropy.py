@@ -4,8 +4,6 @@ The rule: an implementation in a dtype may make no more error against the fp32 r
 PyTorch's own materialized computation makes in that dtype, plus a small tolerance (the table).
 """
 
-import os
-
 import pytest
 import torch
 
@@ -77,7 +75,8 @@ def _check_against_reference(impl, dtype, reduction, options, **extra):
     names = ["loss", "d_hidden", "d_weight", "d_bias"]
     for name, e, base, g in zip(names, exact, baseline, got):
         allowed = _err(base, e) + TOLERANCE[dtype] * max(1.0, e.abs().max().item())
-        assert _err(g, e) <= allowed, f"{impl} {dtype} {reduction} {options}: {name} error {_err(g, e):.3g} > {allowed:.3g}"
+        assert _err(g, e) <= allowed, (
+            f"{impl} {dtype} {reduction} {options}: {name} error {_err(g, e):.3g} > {allowed:.3g}")
 
 
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
@@ -121,7 +120,8 @@ def test_triton_sum_smoothing_softcap_each():
 @pytest.mark.skipif(not triton_available, reason="triton is not installed")
 def test_triton_gradient_filtering_is_close_and_documented_as_approximate():
     h, w, b, t = _inputs(torch.float32, False)
-    exact = _run(lambda *a, **k: linear_cross_entropy(*a, impl="triton", **k), h, w, b, t, torch.float32, torch.tensor(1.0))
+    exact = _run(lambda *a, **k: linear_cross_entropy(*a, impl="triton", **k), h, w, b, t,
+                 torch.float32, torch.tensor(1.0))
     filtered = _run(lambda *a, **k: linear_cross_entropy(*a, impl="triton", filter_eps=2**-12, **k), h, w, b, t,
                     torch.float32, torch.tensor(1.0))
     assert torch.equal(exact[0], filtered[0])  # the loss is untouched
@@ -223,7 +223,8 @@ def test_chunked_property(n, d, v, chunk, reduction, smoothing, softcap, z_loss,
     grad_out = torch.randn(n, dtype=torch.float32, generator=g) if reduction == "none" else torch.tensor(0.7)
 
     def grads(fn):
-        leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()] + ([b.clone().requires_grad_()] if bias else [])
+        leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+        leaves += [b.clone().requires_grad_()] if bias else []
         loss = fn(leaves[0], leaves[1], t, bias=leaves[2] if bias else None, **kw)
         return [loss.detach()] + list(torch.autograd.grad(loss, leaves, grad_out.to(loss.dtype), allow_unused=True))
 
@@ -269,7 +270,7 @@ def test_auto_resolution_per_device():
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert resolve_impl("auto", cpu, torch.bfloat16) == "chunked"
-    # the chunked path is the faster exact one on CUDA too (H100 timings in the README)
+    # the chunked path is the faster exact one on CUDA too (H100 timings in docs/benchmarks.md)
     assert resolve_impl("auto", cuda, torch.bfloat16) == "chunked"
     # gradient filtering exists only in the Triton kernels
     assert resolve_impl("auto", cuda, torch.bfloat16, filter_eps=1e-4) == "triton"

@@ -25,7 +25,8 @@ class LargestWithLastDim(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                  if isinstance(a, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.ndim and t.shape[-1] == self.v \
                     and t.untyped_storage().data_ptr() not in inputs:
@@ -213,7 +214,8 @@ def test_head_present_but_loss_not_fused_warns_once(trainer_kwargs):
             return torch.utils.data.DataLoader(data, batch_size=2)
 
     with pytest.warns(UserWarning, match="computed its loss without it") as record:
-        pl.Trainer(strategy="memkit", **{**trainer_kwargs, "max_steps": 2, "limit_val_batches": 0}).fit(OwnLoss(model="tiny"))
+        trainer = pl.Trainer(strategy="memkit", **{**trainer_kwargs, "max_steps": 2, "limit_val_batches": 0})
+        trainer.fit(OwnLoss(model="tiny"))
     assert sum("without it" in str(w.message) for w in record) == 1
 
 

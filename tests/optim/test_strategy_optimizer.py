@@ -101,7 +101,8 @@ def test_step_in_backward_frees_each_gradient_during_backward():
     opt = StepInBackward(AdamW(model.parameters(), lr=0.1))
     seen = []
     # when the first layer's gradient arrives, the later layers' gradients must already be gone
-    model[0].weight.register_post_accumulate_grad_hook(lambda p: seen.append([q.grad is None for q in model[2].parameters()]))
+    model[0].weight.register_post_accumulate_grad_hook(
+        lambda p: seen.append([q.grad is None for q in model[2].parameters()]))
     opt.step(lambda: model(torch.randn(4, 8)).sum().backward())
     assert seen == [[True, True]]
     assert all(p.grad is None for p in model.parameters())

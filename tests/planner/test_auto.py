@@ -58,6 +58,7 @@ def test_families_set_by_the_user_are_kept(trainer_kwargs):
     assert trainer.strategy.optimizer_config.name == "adamw8bit"
 
 
+@pytest.mark.slow  # 8-10 s on the 2-core CPU machine (tries all 18 combinations)
 def test_an_impossible_budget_fails_before_training_naming_the_closest(trainer_kwargs):
     with pytest.raises(MemKitConfigError, match=r"memory_budget=1.00 MiB: none of the 18 combinations tried fits\. "
                                                 r"The closest is '.+' \(.+\) at 1\.\d\d MiB"):

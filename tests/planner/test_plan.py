@@ -87,7 +87,8 @@ def _profiled_peak(runner: StepRunner, setting: Setting, loaded) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         runner.run(setting)
     # every allocation and free the profiler recorded, in time order (the raw "[memory]" events)
-    timeline = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    timeline = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]")
     current = peak = 0
     for _, delta in timeline:
         current += delta
@@ -118,6 +119,7 @@ def test_logits_are_their_own_category():
     assert fused.maximum["logits_loss"] < plain.maximum["logits_loss"]
 
 
+@pytest.mark.slow  # ~10 s on the 2-core CPU machine (compares every candidate, plots)
 def test_plan_api_compare_and_plot(tmp_path):
     result = plan(QUICKSTART, TINY, gpu_memory="4MiB", compare=True)
     assert result.recipe.fits is not None and len(result.rows) > 10
@@ -132,6 +134,7 @@ def test_plan_api_compare_and_plot(tmp_path):
     assert (tmp_path / "plan.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # ~9 s on the 2-core CPU machine (a CLI run comparing every candidate)
 def test_memkit_plan_command(tmp_path, capsys):
     from lightning_memkit.cli import main
 
@@ -164,7 +167,8 @@ def test_bad_input():
 def test_a_model_that_cannot_be_built_on_the_fake_device_is_named(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("trainer: {logger: false}\nmodel:\n  class_path: tests.helpers.unbuildable.UnbuildableModule\n")
-    with pytest.raises(ModelBuildError, match=r"cannot be built on the meta device: Calibrated \(.*unbuildable.py:\d+\)"):
+    with pytest.raises(ModelBuildError,
+                       match=r"cannot be built on the meta device: Calibrated \(.*unbuildable.py:\d+\)"):
         plan(str(recipe))
 
 
@@ -175,7 +179,8 @@ def test_a_hugging_face_checkpoint_is_planned_from_its_config(tmp_path):
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=256)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
-    result = plan(QUICKSTART, [*TINY, f"--model.init_args.hf_path={tmp_path / 'hf'}", "--model.init_args.vocab_size=300"])
+    result = plan(QUICKSTART, [*TINY, f"--model.init_args.hf_path={tmp_path / 'hf'}",
+                               "--model.init_args.vocab_size=300"])
     n = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     assert result.recipe.result.at_peak["parameters"] == 4 * n
 
@@ -190,8 +195,9 @@ def test_zero_rows_take_model_states_from_the_formula():
     with loaded.fake_mode:
         row = measure(runner, cand)
     n = sum(p.numel() for p in loaded.module.parameters())
+    largest = max(sum(p.numel() for p in b.parameters()) for b in loaded.module.model.blocks)
     mem = zero_memory(n, world_size=1, stage=3, offload_optimizer="cpu", offload_parameters="cpu",
-                      largest_block_params=max(sum(p.numel() for p in b.parameters()) for b in loaded.module.model.blocks))
+                      largest_block_params=largest)
     assert row.result.at_peak["parameters"] == 0 and row.result.host == int(mem["host"]["total"])
     cand = next(c for c in candidates(setting_of(loaded.trainer.strategy), seq_len=128)
                 if c.name == "AdamW in backward")
@@ -205,7 +211,8 @@ def test_a_model_built_in_configure_model_and_a_datamodule_example_batch(tmp_pat
     recipe = tmp_path / "lazy.yaml"
     recipe.write_text("trainer: {logger: false, strategy: memkit}\n"
                       "model: {class_path: tests.helpers.unbuildable.LazyModule, init_args: {width: 64}}\n"
-                      "data: {class_path: tests.helpers.unbuildable.VectorData, init_args: {width: 64, batch_size: 32}}\n")
+                      "data: {class_path: tests.helpers.unbuildable.VectorData, "
+                      "init_args: {width: 64, batch_size: 32}}\n")
     result = plan(str(recipe))
     params = (64 * 64 + 64 + 64 + 1) * 4
     at = result.recipe.result.at_peak

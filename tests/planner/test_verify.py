@@ -15,12 +15,14 @@ TINY = ["--model.init_args.model=tiny", "--data.init_args.seq_len=64", "--data.i
 
 
 def test_verify_passes_exact_techniques_and_reports_approximate_ones():
-    checks, description = verify(os.path.join(RECIPES, "quickstart.yaml"),
-                                 [*TINY, "--trainer.strategy.init_args.optimizer={name: apollo_mini, in_backward: true}",
-                                  "--trainer.strategy.init_args.activations={checkpoint: blocks, checkpoint_every: 2, compress: int8}"])
+    checks, description = verify(
+        os.path.join(RECIPES, "quickstart.yaml"),
+        [*TINY, "--trainer.strategy.init_args.optimizer={name: apollo_mini, in_backward: true}",
+         "--trainer.strategy.init_args.activations={checkpoint: blocks, checkpoint_every: 2, compress: int8}"])
     by_name = {c.technique: c for c in checks}
-    assert set(by_name) == {"activations: checkpoint=blocks", "activations: compress=int8", "cross_entropy: fused (auto)",
-                            "optimizer: apollo_mini (step in backward)", "all together"}
+    assert set(by_name) == {"activations: checkpoint=blocks", "activations: compress=int8",
+                            "cross_entropy: fused (auto)", "optimizer: apollo_mini (step in backward)",
+                            "all together"}
     assert all(c.passed for c in checks), checks
     assert by_name["activations: checkpoint=blocks"].max_grad_diff == 0.0  # recomputation is bitwise here
     assert by_name["cross_entropy: fused (auto)"].max_grad_rel < 1e-5

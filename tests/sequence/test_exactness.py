@@ -57,7 +57,8 @@ def fp32_model():
 
 
 @pytest.mark.parametrize("method", EXACT)
-@pytest.mark.parametrize("chunk", [6, 16, 45, 64])  # 45 tokens: uneven chunks, one chunk, a chunk longer than T
+# 45 tokens: uneven chunks, one chunk, a chunk longer than T; chunk 6 (8 chunks) takes > 10 s on 2 CPU cores: slow
+@pytest.mark.parametrize("chunk", [pytest.param(6, marks=pytest.mark.slow), 16, 45, 64])
 def test_gradients_equal_full_backprop_fp32(method, chunk, fp32_model):
     ids, labels = _batch(fp32_model.vocab_size)
     loss0, exact = _full(fp32_model, ids, labels)
@@ -211,6 +212,7 @@ def _spaco_mask(seed, n, keep):
     return tuple(rng.random() < keep for _ in range(n))
 
 
+@pytest.mark.slow  # 80-100 s each on the 2-core CPU machine
 @pytest.mark.parametrize("keep", [0.5, 0.7])
 def test_spaco_is_unbiased_exactly_over_all_chunk_subsets(keep):
     """The estimator's expectation, summed over every subset of the 4 chunks with its probability, is the

@@ -152,7 +152,8 @@ def test_hf_path_module(corpus, tmp_path):
     # one of 4224 weights of an up_proj whose gradient is near 0 moves 4e-5 apart under AdamW (measured); gradients
     # themselves are compared exactly in test_exactness.py
     _assert_same_training(_fit(corpus, module=make(), steps=3),
-                          _fit(corpus, module=make(), steps=3, sequence={"method": "seco", "chunk_size": 10}), atol=1e-4)
+                          _fit(corpus, module=make(), steps=3, sequence={"method": "seco", "chunk_size": 10}),
+                          atol=1e-4)
 
 
 def test_setup_refusals_name_the_fix(corpus):
@@ -160,7 +161,8 @@ def test_setup_refusals_name_the_fix(corpus):
 
     with pytest.raises(MemKitConfigError, match="found no causal LM it can drive in UserModule"):
         _fit(corpus, module=UserModule(), steps=1, sequence="streambp")
-    with pytest.raises(MemKitConfigError, match=r"sequence.chunk_size=4096 is longer than Transformer's max_seq_len=512"):
+    with pytest.raises(MemKitConfigError,
+                       match=r"sequence.chunk_size=4096 is longer than Transformer's max_seq_len=512"):
         _fit(corpus, steps=1, sequence={"method": "seco", "chunk_size": 4096})
     with pytest.raises(MemKitConfigError, match="sequence='sparse' is not a known name"):
         MemKitStrategy(sequence="sparse")
@@ -263,5 +265,6 @@ def test_an_unsupported_second_model_is_left_alone(corpus):
                 vocab_size=50, n_embd=16, n_layer=1, n_head=2))
             self.teacher.requires_grad_(False)
 
-    with pytest.warns(UserWarning, match="leaves these models to ordinary backprop: self.teacher \\(GPT2LMHeadModel\\): .*'gpt2'"):
+    with pytest.warns(UserWarning,
+                      match="leaves these models to ordinary backprop: self.teacher \\(GPT2LMHeadModel\\): .*'gpt2'"):
         _fit(corpus, module=WithTeacher(), steps=1, sequence={"method": "streambp", "chunk_size": 16})
