@@ -310,7 +310,7 @@ def fake_training_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lightning_memkit.config import parse_optimizer
-    from lightning_memkit.loss.toggle import causal_lm_loss
+    from lightning_memkit.loss.causal_lm import causal_lm_loss
     from lightning_memkit.models.llama import Transformer, get_config
     from lightning_memkit.planner.step import Setting, StepRunner
 

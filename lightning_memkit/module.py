@@ -17,7 +17,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_memkit.config import MemKitConfigError, check_number
 from lightning_memkit.export import PEFT_CHECKPOINT_KEY, peft_checkpoint_entry, save_module
-from lightning_memkit.loss.toggle import causal_lm_loss
+from lightning_memkit.loss.causal_lm import causal_lm_loss
 from lightning_memkit.models.llama import NAMED_CONFIGS, Transformer, get_config
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 from torch import Tensor, nn
 
 from lightning_memkit.config import CrossEntropyConfig
-from lightning_memkit.techniques import ForwardWrapper
+from lightning_memkit.technique import ForwardWrapper
 
 # ----- the fused cross-entropy setting --------------------------------------------------------------------------
 
@@ -53,7 +53,7 @@ def use_cross_entropy(config: Optional[CrossEntropyConfig]) -> Iterator[None]:
 
 
 class SequenceLoss(Protocol):
-    """What the loss asks of the active sequence method (:class:`~lightning_memkit.sequence.toggle.SequenceRuntime`
+    """What the loss asks of the active sequence method (:class:`~lightning_memkit.sequence.runtime.SequenceRuntime`
     is the one memkit activates): a causal LM's loss whose backward runs the method."""
 
     def loss(self, model: nn.Module, input_ids: Tensor, labels: Tensor, *, ignore_index: int = -100,
@@ -73,7 +73,7 @@ def active_sequence_runtime() -> Optional[SequenceLoss]:
 @contextlib.contextmanager
 def use_sequence_runtime(runtime: Optional[SequenceLoss]) -> Iterator[None]:
     """Make ``runtime`` the active sequence method inside the block (None: off). The caller decides whether its
-    config is enabled (:func:`~lightning_memkit.sequence.toggle.use_sequence` does)."""
+    config is enabled (:func:`~lightning_memkit.sequence.runtime.use_sequence` does)."""
     token = _SEQUENCE.set(runtime)
     try:
         yield
@@ -102,7 +102,7 @@ def count_fused_call() -> None:
 
 def innermost_forward(fn: Any, module: Optional[nn.Module] = None) -> Any:
     """The model's real ``forward`` behind ``fn``: the chain of technique wrappers
-    (:class:`~lightning_memkit.techniques.ForwardWrapper`, whose signature is ``(*args, **kwargs)``) is
+    (:class:`~lightning_memkit.technique.ForwardWrapper`, whose signature is ``(*args, **kwargs)``) is
     walked down to its innermost callable; when that still takes only ``*args``/``**kwargs`` (another
     library's wrapper), the class's ``forward`` bound to ``module`` is used."""
     while isinstance(fn, ForwardWrapper):

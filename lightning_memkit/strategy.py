@@ -3,7 +3,7 @@
 It is Lightning's DDP strategy (one process per device; gloo on CPU, NCCL on CUDA) with two
 changes: with a single process it neither starts a process group nor wraps the model, so it behaves
 exactly like Lightning's single-device strategy; and it installs the configured techniques at the
-points of the step where they belong (see :mod:`lightning_memkit.techniques`).
+points of the step where they belong (see :mod:`lightning_memkit.technique`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from lightning_memkit.resume import CHECKPOINT_KEY, check_resume, describe_famil
     settings_record
 from lightning_memkit.models.quantized import keep_4bit_trainable
 from lightning_memkit.technique_set import TechniqueSet
-from lightning_memkit.techniques import Technique
+from lightning_memkit.technique import Technique
 
 #: name -> (description, init arguments). Registered with Lightning when the package is imported.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -2,7 +2,7 @@
 
 The strategy (every fit) and the planner (every measured step) run the same sequence, so it lives here once:
 
-1. :meth:`TechniqueSet.build`: one :class:`~lightning_memkit.techniques.Technique` per enabled family, in the
+1. :meth:`TechniqueSet.build`: one :class:`~lightning_memkit.technique.Technique` per enabled family, in the
    order they are installed;
 2. :meth:`TechniqueSet.install`: each technique sees the Trainer (and may refuse it), then changes the module;
 3. :meth:`TechniqueSet.convert_optimizers`: each may replace the optimizers ``configure_optimizers`` returned,
@@ -11,7 +11,7 @@ The strategy (every fit) and the planner (every measured step) run the same sequ
 5. :meth:`TechniqueSet.uninstall`: undoes step 2 on what was installed, last first, also after a failed install.
 
 It sits above the technique families (it builds them) and below the strategy and the planner (which use it);
-the base contract, :class:`~lightning_memkit.techniques.Technique`, is in :mod:`lightning_memkit.techniques`.
+the base contract, :class:`~lightning_memkit.technique.Technique`, is in :mod:`lightning_memkit.technique`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lightning_memkit.config import ActivationsConfig, CrossEntropyConfig, Optim
 from lightning_memkit.loss.technique import FusedCrossEntropyTechnique
 from lightning_memkit.optim.technique import OptimizerTechnique
 from lightning_memkit.sequence.technique import SequenceTechnique
-from lightning_memkit.techniques import Technique
+from lightning_memkit.technique import Technique
 
 
 class TechniqueSet:

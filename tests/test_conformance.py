@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lightning_memkit import MemKitConfigError, MemKitStrategy
-from lightning_memkit.loss.toggle import fused_call_count
+from lightning_memkit.loss.causal_lm import fused_call_count
 from lightning_memkit.models.families import HF_FAMILIES
 from lightning_memkit.optim import StepInBackward
 from tests.loss.test_families import CONFIGS, V, tiny

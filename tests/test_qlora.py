@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from lightning_memkit import MemKitStrategy
-from lightning_memkit.loss.toggle import fused_call_count
+from lightning_memkit.loss.causal_lm import fused_call_count
 from tests.models.test_llama import tiny_hf
 
 peft = pytest.importorskip("peft")

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 import lightning_memkit
 from lightning_memkit import PRESETS, MemKitConfigError, MemKitStrategy
 from lightning_memkit.activations import is_checkpointed
-from lightning_memkit.techniques import Technique
+from lightning_memkit.technique import Technique
 from tests.helpers.models import NoBlocksModule, UserModule
 
 HERE = os.path.dirname(__file__)
@@ -206,8 +206,8 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
 def test_forward_wrappers_stack_and_unwrap_in_any_order():
     """Two techniques wrapping one module's forward: each can be removed alone, the other stays."""
     from lightning_memkit.activations import apply_checkpointing, remove_checkpointing
-    from lightning_memkit.loss.toggle import _FusedHFForward, patch_hf_causal_lm, unpatch_hf_causal_lm
-    from lightning_memkit.techniques import find_forward_wrapper
+    from lightning_memkit.loss.causal_lm import _FusedHFForward, patch_hf_causal_lm, unpatch_hf_causal_lm
+    from lightning_memkit.technique import find_forward_wrapper
 
     block = torch.nn.Sequential(torch.nn.Linear(3, 3))
     x = torch.randn(2, 3)

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_memkit.config import ActivationsConfig, MemKitConfigError, check_int
 from lightning_memkit.models.interface import find_blocks
-from lightning_memkit.techniques import ForwardWrapper, Technique, find_forward_wrapper, unwrap_forward, wrap_forward
+from lightning_memkit.technique import ForwardWrapper, Technique, find_forward_wrapper, unwrap_forward, wrap_forward
 
 
 #: ops whose outputs selective checkpointing keeps (matrix products and attention); the rest is recomputed

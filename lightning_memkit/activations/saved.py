@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_memkit._tensors import is_symbolic
 from lightning_memkit.activations.compress import Packed, RunningScales, pack_fp8, pack_int8, unpack
-from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward
+from lightning_memkit.technique import ForwardWrapper, unwrap_forward, wrap_forward
 
 PREFETCH = 2
 

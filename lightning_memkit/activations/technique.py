@@ -13,7 +13,7 @@ from lightning_memkit.activations.checkpoint import is_checkpointed
 from lightning_memkit.activations.saved import SavedTensors, install, uninstall
 from lightning_memkit.config import ActivationsConfig, MemKitConfigError
 from lightning_memkit.models.interface import find_blocks
-from lightning_memkit.techniques import Technique
+from lightning_memkit.technique import Technique
 
 
 def choose_modules(module: nn.Module, patterns: tuple[str, ...] | None) -> dict[str, nn.Module]:

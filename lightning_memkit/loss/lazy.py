@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from lightning_memkit.config import CrossEntropyConfig
-from lightning_memkit.loss.api import linear_cross_entropy
+from lightning_memkit.loss.linear_ce import linear_cross_entropy
 from lightning_memkit.step_context import active_cross_entropy, count_fused_call
-from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward_once
+from lightning_memkit.technique import ForwardWrapper, unwrap_forward, wrap_forward_once
 
 #: Tensor attributes read from the lazy tensor's own metadata (no materialization).
 _METADATA = {

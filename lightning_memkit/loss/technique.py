@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_memkit.config import CrossEntropyConfig, MemKitConfigError
 from lightning_memkit.loss.lazy import find_lm_head_candidates, install_lazy_head, uninstall_lazy_head
-from lightning_memkit.loss.toggle import (
+from lightning_memkit.loss.causal_lm import (
     FUSABLE_HF_MODEL_TYPES,
     fused_call_count,
     is_fusable_hf_causal_lm,
@@ -20,7 +20,7 @@ from lightning_memkit.loss.toggle import (
     unpatch_hf_causal_lm,
     use_cross_entropy,
 )
-from lightning_memkit.techniques import Technique
+from lightning_memkit.technique import Technique
 
 
 def _has_fused_head(module: nn.Module) -> bool:

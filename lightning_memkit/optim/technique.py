@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memkit.config import MemKitConfigError, OptimizerConfig
-from lightning_memkit.techniques import Technique
+from lightning_memkit.technique import Technique
 
 #: optimizers that keep 8-bit states through bitsandbytes
 EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "galore_adamw8bit")

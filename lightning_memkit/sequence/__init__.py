@@ -6,6 +6,6 @@ compute the loss with a chunked backward; :func:`sequence_loss` is the same as a
 """
 
 from lightning_memkit.sequence.adapter import HFAdapter, ReferenceAdapter, SequenceAdapter, find_adapter, get_adapter
-from lightning_memkit.sequence.api import sequence_loss
+from lightning_memkit.sequence.loss import sequence_loss
 
 __all__ = ["HFAdapter", "ReferenceAdapter", "SequenceAdapter", "find_adapter", "get_adapter", "sequence_loss"]

@@ -13,8 +13,8 @@ from lightning_memkit.config import DEFAULT_SEQUENCE_CHUNK, MemKitConfigError, S
 from lightning_memkit.models.families import is_hf_causal_lm
 from lightning_memkit.sequence.adapter import SequenceAdapter, find_adapter
 from lightning_memkit.sequence.core import BlockCall
-from lightning_memkit.sequence.toggle import SequenceRuntime, patch_hf_forward, unpatch_hf_forward, use_sequence
-from lightning_memkit.techniques import Technique, call_through_wrappers
+from lightning_memkit.sequence.runtime import SequenceRuntime, patch_hf_forward, unpatch_hf_forward, use_sequence
+from lightning_memkit.technique import Technique, call_through_wrappers
 
 
 def drivable_models(module: nn.Module) -> tuple[list[tuple[nn.Module, SequenceAdapter]], list[str]]:

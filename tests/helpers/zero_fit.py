@@ -153,7 +153,7 @@ def fit(run: dict, devices: int, workdir: str) -> dict:
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=folder,
         **run.get("trainer", {}),
     )
-    from lightning_memkit.loss.toggle import fused_call_count
+    from lightning_memkit.loss.causal_lm import fused_call_count
 
     fused_before = fused_call_count()
     ckpt_path = None

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_memkit import CrossEntropyConfig, MemKitStrategy
 from lightning_memkit.loss import causal_lm_loss, use_cross_entropy
-from lightning_memkit.loss.toggle import fused_call_count, is_fusable_hf_causal_lm, patch_hf_causal_lm
+from lightning_memkit.loss.causal_lm import fused_call_count, is_fusable_hf_causal_lm, patch_hf_causal_lm
 from lightning_memkit.models import HFCausalLM
 from lightning_memkit.models.families import HF_FAMILIES, hf_family
 

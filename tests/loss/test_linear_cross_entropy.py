@@ -266,7 +266,7 @@ def test_chunked_second_backward_is_a_clear_error():
 
 
 def test_auto_resolution_per_device():
-    from lightning_memkit.loss.api import resolve_impl
+    from lightning_memkit.loss.linear_ce import resolve_impl
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert resolve_impl("auto", cpu, torch.bfloat16) == "chunked"

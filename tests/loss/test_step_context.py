@@ -9,10 +9,10 @@ import torch
 import lightning_memkit
 from lightning_memkit import step_context
 from lightning_memkit.config import CrossEntropyConfig, SequenceConfig
-from lightning_memkit.loss.api import linear_cross_entropy
-from lightning_memkit.loss.toggle import causal_lm_loss, fused_call_count, use_cross_entropy
+from lightning_memkit.loss.linear_ce import linear_cross_entropy
+from lightning_memkit.loss.causal_lm import causal_lm_loss, fused_call_count, use_cross_entropy
 from lightning_memkit.planner.tracker import CategoryTracker
-from lightning_memkit.sequence.toggle import SequenceRuntime, active_sequence, use_sequence
+from lightning_memkit.sequence.runtime import SequenceRuntime, active_sequence, use_sequence
 
 PACKAGE = Path(lightning_memkit.__file__).parent
 
@@ -106,9 +106,9 @@ def test_head_input_observers():
 
 def test_old_names_still_importable():
     """The names tests and users import from the toggles stay where they were (re-exported)."""
-    from lightning_memkit.loss import toggle as loss_toggle
+    from lightning_memkit.loss import causal_lm as loss_toggle
     from lightning_memkit.models import families
-    from lightning_memkit.sequence import toggle as sequence_toggle
+    from lightning_memkit.sequence import runtime as sequence_toggle
 
     assert loss_toggle.active_cross_entropy is step_context.active_cross_entropy
     assert loss_toggle._as_keywords is step_context.as_keywords

@@ -358,7 +358,7 @@ def test_streambp_hands_each_block_over_before_the_blocks_below():
 @pytest.mark.parametrize("method", EXACT)
 def test_gradients_returned_through_the_outer_backward_under_ddp(method, fp32_model, monkeypatch):
     """Several processes: the loss's node returns the gradients (DDP's reducer hooks see them there)."""
-    import lightning_memkit.sequence.api as api
+    import lightning_memkit.sequence.loss as api
 
     ids, labels = _batch(fp32_model.vocab_size)
     _, exact = _full(fp32_model, ids, labels)

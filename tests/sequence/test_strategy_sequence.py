@@ -172,7 +172,7 @@ def test_setup_refusals_name_the_fix(corpus):
 
 def test_padding_through_an_attention_mask_is_refused_with_the_fix():
     from lightning_memkit.config import SequenceConfig
-    from lightning_memkit.sequence.toggle import SequenceRuntime, patch_hf_forward, use_sequence
+    from lightning_memkit.sequence.runtime import SequenceRuntime, patch_hf_forward, use_sequence
 
     hf = tiny_hf("llama")
     patch_hf_forward(hf)
@@ -192,8 +192,8 @@ def test_positional_arguments_named_by_the_models_own_signature_under_both_wrapp
     """hf(ids, mask, labels=ids) with the fused loss and the sequence method both on: the positional arguments are
     named by LlamaForCausalLM.forward, not by the fused wrapper's (*args, **kwargs) (which made them 'args')."""
     from lightning_memkit.config import CrossEntropyConfig, SequenceConfig
-    from lightning_memkit.loss.toggle import patch_hf_causal_lm, use_cross_entropy
-    from lightning_memkit.sequence.toggle import SequenceRuntime, patch_hf_forward, use_sequence
+    from lightning_memkit.loss.causal_lm import patch_hf_causal_lm, use_cross_entropy
+    from lightning_memkit.sequence.runtime import SequenceRuntime, patch_hf_forward, use_sequence
 
     hf = tiny_hf("llama")
     ids = torch.randint(0, 101, (2, 12))
@@ -223,7 +223,7 @@ def test_bf16_mixed_precision(method, corpus):
 
 def test_hf_num_items_in_batch_and_a_fully_masked_micro_batch():
     from lightning_memkit.config import SequenceConfig
-    from lightning_memkit.sequence.toggle import SequenceRuntime, patch_hf_forward, use_sequence
+    from lightning_memkit.sequence.runtime import SequenceRuntime, patch_hf_forward, use_sequence
 
     hf = tiny_hf("llama")
     ids = torch.randint(0, 101, (2, 12))

@@ -100,7 +100,7 @@ class HFUserModule(pl.LightningModule):
 def test_hf_model_with_labels_fused_equals_hf_loss():
     module = HFUserModule()
     ids = torch.randint(0, 97, (3, 20))
-    from lightning_memkit.loss.toggle import patch_hf_causal_lm, unpatch_hf_causal_lm
+    from lightning_memkit.loss.causal_lm import patch_hf_causal_lm, unpatch_hf_causal_lm
 
     hf_loss, hf_grads, hf_largest = _grads(module, lambda: module.lm(input_ids=ids, labels=ids).loss, 97)
     assert patch_hf_causal_lm(module.lm)
@@ -171,7 +171,7 @@ def test_cross_entropy_config_errors():
 
 
 def test_hf_fallbacks_keep_hf_semantics():
-    from lightning_memkit.loss.toggle import patch_hf_causal_lm
+    from lightning_memkit.loss.causal_lm import patch_hf_causal_lm
 
     lm = _tiny_llama()
     ids = torch.randint(0, 97, (2, 12))
@@ -222,7 +222,7 @@ def test_head_present_but_loss_not_fused_warns_once(trainer_kwargs):
 def test_positional_arguments_named_by_the_class_forward_behind_any_wrapper():
     """Another library's ``(*args, **kwargs)`` wrapper under the fused one (accelerate hooks, a user's decorator):
     the positional arguments are still named by ``LlamaForCausalLM.forward``."""
-    from lightning_memkit.loss.toggle import _as_keywords, patch_hf_causal_lm
+    from lightning_memkit.loss.causal_lm import _as_keywords, patch_hf_causal_lm
 
     lm = _tiny_llama()
     ids = torch.randint(0, 97, (2, 12))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memkit.config import SequenceConfig
-from lightning_memkit.sequence.api import sequence_loss
+from lightning_memkit.sequence.loss import sequence_loss
 from lightning_memkit.sequence.core import BlockCall, direct_call
 from lightning_memkit.step_context import (
     active_cross_entropy,
@@ -28,7 +28,7 @@ from lightning_memkit.step_context import (
     count_fused_call,
     use_sequence_runtime,
 )
-from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward_once
+from lightning_memkit.technique import ForwardWrapper, unwrap_forward, wrap_forward_once
 
 
 class SequenceRuntime:

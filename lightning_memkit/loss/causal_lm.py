@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_memkit.config import CrossEntropyConfig
-from lightning_memkit.loss.api import linear_cross_entropy
+from lightning_memkit.loss.linear_ce import linear_cross_entropy
 from lightning_memkit.models.families import (
     HF_FAMILIES,
     hf_family,
@@ -37,7 +37,7 @@ from lightning_memkit.step_context import (
     fused_call_count,
     use_cross_entropy,
 )
-from lightning_memkit.techniques import ForwardWrapper, unwrap_forward, wrap_forward_once
+from lightning_memkit.technique import ForwardWrapper, unwrap_forward, wrap_forward_once
 
 #: Hugging Face model types whose head + loss the patched forward reproduces exactly (tested), from the family
 #: table :data:`~lightning_memkit.models.families.HF_FAMILIES`. Others (e.g. Granite's logits scaling, Cohere's

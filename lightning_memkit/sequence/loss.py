@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_memkit.config import CrossEntropyConfig, MemKitConfigError, SequenceConfig
-from lightning_memkit.loss.api import linear_cross_entropy
+from lightning_memkit.loss.linear_ce import linear_cross_entropy
 from lightning_memkit.sequence.adapter import SequenceAdapter, get_adapter
 from lightning_memkit.sequence.core import BlockCall, direct_call
 from lightning_memkit.sequence.seco import SeCO
