@@ -17,7 +17,14 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from lightning_memkit.config import MemKitConfigError, MemKitSettings, parse_size
+from lightning_memkit.config import (
+    MemKitConfigError,
+    MemKitSettings,
+    parse_activations,
+    parse_optimizer,
+    parse_sequence,
+    parse_size,
+)
 from lightning_memkit.planner.step import CATEGORIES, LABELS, Setting, StepError, StepResult, StepRunner
 from lightning_memkit.planner.tracker import storage_bytes
 from lightning_memkit.units import GIB, human_bytes, in_unit, table_unit  # noqa: F401  (GIB: plans.py re-exports it)
@@ -221,7 +228,7 @@ def candidates(base: Setting, *, free: Iterable[str] = ("activations", "optimize
             setting = dataclasses.replace(base_rows, activations=act, sequence=seq, optimizer=opt)
             if "optimizer" not in free:
                 oexact = base.optimizer is None or _is_exact_optimizer(base.optimizer)
-            exact = oexact and (seq is None or seq.get("method") != "spaco") and not _compresses(act)
+            exact = oexact and _exact_memory(act, seq)
             parts = mparts + oparts + zparts
             name = ", ".join(x for x in (mlabel, olabel) if x) or "as configured"
             out.append(Candidate(name, setting, _overhead(parts), exact, parts))
@@ -249,15 +256,14 @@ def same_setting(a: Setting, b: Setting) -> bool:
 
 
 def _is_exact_optimizer(setting: Any) -> bool:
-    if isinstance(setting, str):
-        name = setting
-    else:
-        name = setting.get("name") if isinstance(setting, dict) else getattr(setting, "name", None)
-    return name in (None, "none", "adamw")
+    """The optimizer setting (a name, a mapping or an ``OptimizerConfig``) leaves the update unchanged."""
+    return parse_optimizer(setting).name in ("none", "adamw")
 
 
-def _compresses(act: Any) -> bool:
-    return isinstance(act, (dict, str)) and ("int8" in str(act) or "fp8" in str(act))
+def _exact_memory(activations: Any, sequence: Any) -> bool:
+    """The activation and sequence settings leave the results unchanged (no 8-bit activations, no SpaCO)."""
+    seq = parse_sequence(sequence)
+    return parse_activations(activations).compress == "none" and (not seq.enabled or seq.exact)
 
 
 def _overhead(parts: Iterable[str]) -> float:
@@ -301,7 +307,7 @@ def _zero_rows(runner: StepRunner, setting: Setting, result: StepResult, world_s
     n = sum(p.numel() for p in module.parameters())
     blocks = [b for b in module.modules() if type(b).__name__.endswith(("Block", "DecoderLayer"))]
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
-    opt = setting.optimizer if isinstance(setting.optimizer, str) else "adamw"
+    opt = parse_optimizer(setting.optimizer).name
     mem = zero_memory(n, world_size=world_size, stage=setting.zero_stage,
                       offload_optimizer=setting.offload_optimizer or "none",
                       offload_parameters=setting.offload_parameters or "none",

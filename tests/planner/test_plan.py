@@ -288,3 +288,19 @@ def test_max_seq_len_reports_errors_as_errors_not_as_lengths_that_do_not_fit(tmp
         main(["plan", "--config", vectors, "--max-seq-len", "--gpu-memory", "64MiB"])
     out, err = capsys.readouterr()
     assert exit_.value.code == 2 and "has no seq_len argument" in err and "VectorLoaderData" in err
+
+
+def test_candidates_from_a_strategys_parsed_settings():
+    """A strategy's settings reach the planner parsed (MemKitSettings): the search reads them as configs. Before, a
+    set ``sequence`` (a SequenceConfig) crashed the auto mode with AttributeError: 'SequenceConfig' has no 'get'."""
+    from lightning_memkit import MemKitStrategy
+    from lightning_memkit.config import SequenceConfig
+
+    strategy = MemKitStrategy(sequence={"method": "spaco", "keep": 0.5, "chunk_size": 64},
+                              activations={"compress": "int8"})
+    base = setting_of(strategy)
+    assert isinstance(base.sequence, SequenceConfig)
+    rows = candidates(base, free=("optimizer",), seq_len=256)
+    assert rows and not any(r.exact for r in rows)  # SpaCO and int8 activations are approximate in every row
+    exact = candidates(setting_of(MemKitStrategy(sequence="streambp")), free=("optimizer",), seq_len=256)
+    assert {r.name: r.exact for r in exact}["your optimizer"] is True
