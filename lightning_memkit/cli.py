@@ -107,7 +107,18 @@ def plan_main(args: list[str]) -> int:
         found = longest_sequence(
             opts.config, overrides, gpu_memory=opts.gpu_memory, cpu_memory=opts.cpu_memory,
             progress=lambda i, length, row: _progress_line(f"[{i}] {length} tokens: {describe_row(row, named=False)}"))
+        from lightning_memkit.units import human_bytes
+
         varied = " and ".join(a.lstrip("-") for a in found.varies)
+        measured = ", ".join(f"{n} ({human_bytes(r.peak)}, {'fits' if r.fits else 'does not fit'})"
+                             if r.result is not None else f"{n} (cannot run)" for n, r in found.tried)
+        if found.per_token is not None:
+            off = f"planned {human_bytes(found.error)} off the line at the predicted {found.predicted} tokens"
+            how = ("no length between them to predict" if found.error is None else off if found.linear else
+                   f"{off}: not linear, the lengths between were bisected")
+            print(f"device cost per token: {found.per_token / 2**10:.1f} KiB/token (line through the first two "
+                  f"lengths, {human_bytes(found.fixed)} at 0 tokens; {how})")
+        print(f"planned {len(found.tried)} lengths: {measured}")
         if found.row is None:
             print(f"nothing fits {opts.gpu_memory}, even at 1024 tokens (varied {varied})")
             return 1

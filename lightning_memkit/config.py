@@ -566,17 +566,31 @@ class SequenceConfig:
         keep: SpaCO only: the probability with which each chunk is back-propagated; kept chunks are
             scaled by ``1/keep`` (the compensation factor), so the gradient is unbiased.
         seed: SpaCO only: seed of the chunk sampling (step ``n`` draws from ``(seed, n)``).
+        offload: StreamBP only: keep the blocks' inputs in pinned host memory between the forward and the
+            backward (copied on a side stream, brought back one block ahead), so the device holds about one
+            block's worth of them instead of all; exact. On a CPU device it has no effect (one warning).
     """
 
     method: str = "none"
     chunk_size: Optional[int] = None
     keep: Optional[float] = None
     seed: Optional[int] = None
+    offload: bool = False
 
     def __post_init__(self) -> None:
         check_choice("sequence.method", self.method, SEQUENCE_METHODS)
         if self.chunk_size is not None:
             check_int("sequence.chunk_size", self.chunk_size, minimum=1)
+        if not isinstance(self.offload, bool):
+            raise MemKitConfigError(f"sequence.offload={self.offload!r} has type {type(self.offload).__name__}. "
+                                    "Fix: true or false.")
+        if self.offload and self.method != "streambp":
+            what = "sequence is off" if self.method == "none" else "SeCO / SpaCO keep per-layer keys/values " \
+                "that every chunk's backward reads, not one block at a time"
+            raise MemKitConfigError(
+                f"sequence.offload=True applies to sequence.method='streambp', got method={self.method!r} ({what}). "
+                "Fix: set sequence.method='streambp', or drop sequence.offload."
+            )
         if self.method != "spaco":
             for key in ("keep", "seed"):
                 if getattr(self, key) is not None:

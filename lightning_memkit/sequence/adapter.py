@@ -470,16 +470,23 @@ def get_adapter(model: nn.Module) -> SequenceAdapter:
 def causal_bias(c: int, e: int, like: Tensor) -> Any:
     """The attention mask of queries at positions ``e-c .. e-1`` against keys ``0 .. e-1``.
 
-    None when ``c == e`` (plain causal). On CUDA a lower-right ``CausalBias`` (flash/efficient kernels,
-    nothing materialized); elsewhere an additive (c, e) mask in ``like``'s dtype, made once per chunk
-    and shared by every layer (so a graph through all layers saves it once).
+    None when ``c == e`` (plain causal). On CUDA a lower-right ``CausalBias`` (nothing materialized: SDPA's
+    flash/efficient kernels or memkit's chunked kernel run it); elsewhere, inside
+    :func:`~lightning_memkit.sequence.attention.chunked_attention_above` for a chunk above its size, a
+    :class:`~lightning_memkit.sequence.attention.LowerRight` marker (memkit's chunked kernel); otherwise an
+    additive (c, e) mask in ``like``'s dtype, made once per chunk and shared by every layer (so a graph through all
+    layers saves it once).
     """
+    from lightning_memkit.sequence.attention import LowerRight, prefers_chunked
+
     if c == e:
         return None
     if like.device.type == "cuda":
         from torch.nn.attention.bias import causal_lower_right
 
         return causal_lower_right(c, e)
+    if prefers_chunked(c, e):
+        return LowerRight(c, e)
     device = like.device.type
     # the queries' dtype: autocast's when it is on (the projections run under it), else the hidden states'
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else like.dtype
@@ -491,21 +498,37 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, bias: Any, scale: Optional[
                     softcap: Optional[float] = None) -> Tensor:
     """q (B, H, c, E) against k, v (B, K, e, E); grouped-query heads are not repeated in memory.
 
-    ``scale``: the score scale (None: 1/sqrt(E)). ``softcap``: scores become ``softcap * tanh(scores / softcap)``
-    before the mask and softmax (Gemma 2's attention logit softcapping); the scores of the chunk are then
-    materialized (B, H, c, e), with the softmax in fp32, as Hugging Face's eager attention computes them.
+    ``bias``: what :func:`causal_bias` returned. ``scale``: the score scale (None: 1/sqrt(E)). ``softcap``: scores
+    become ``softcap * tanh(scores / softcap)`` before the mask and softmax (Gemma 2's attention logit softcapping),
+    with the softmax in fp32, as Hugging Face's eager attention computes them.
+
+    The kernel is :func:`~lightning_memkit.sequence.attention.attention_backend`'s: SDPA (with a lower-right
+    ``CausalBias`` on CUDA, where flash/efficient attention runs it without a mask); memkit's
+    :func:`~lightning_memkit.sequence.attention.chunked_attention` (no (c, e) mask or scores) for chunks above
+    :data:`~lightning_memkit.sequence.attention.CHUNKED_ABOVE` query-key pairs that SDPA would run by
+    materializing the scores (its math kernel), softcapped ones included, and for every chunk above the size
+    given to :func:`~lightning_memkit.sequence.attention.chunked_attention_above`; other chunks keep SDPA (off
+    CUDA with an explicit mask, which PyTorch's blocked CPU kernel reads) or the eager softcapped formula.
     """
+    from lightning_memkit.sequence.attention import attention_backend, chunked_attention
+
+    backend = attention_backend(q, k, v, bias, scale, softcap)
+    if backend == "memkit-chunked":
+        return chunked_attention(q, k, v, scale=scale, softcap=softcap)
     if softcap is not None:
         return _softcapped_attention(q, k, v, scale, float(softcap))
     gqa = q.shape[1] != k.shape[1]
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
-    if isinstance(bias, Tensor) and bias.dtype != q.dtype:  # a model whose projections change dtype
+    if type(bias) is Tensor and bias.dtype != q.dtype:  # a model whose projections change dtype (a mask we built)
         bias = bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa, scale=scale)
 
 
 def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], softcap: float) -> Tensor:
+    """The eager softcapped attention (the reference :func:`chunked_attention` is tested against): scores
+    (B, H, c, e) ``softcap * tanh(q k^T * scale / softcap)``, lower-right causal mask, softmax in fp32 (fp64 for
+    fp64)."""
     b, heads, c, e_dim = q.shape
     kv_heads, e = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -514,5 +537,6 @@ def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float
     scores = torch.tanh(scores / softcap) * softcap
     keep = torch.ones(c, e, dtype=torch.bool, device=q.device).tril(diagonal=e - c)
     scores = scores.masked_fill(~keep, float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    # fp32 at least (fp64 stays fp64: a float32 softmax would cost fp64 inputs 7 digits)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
     return torch.matmul(weights, v[:, :, None]).reshape(b, heads, c, v.shape[-1])

@@ -237,6 +237,7 @@ def sequence_loss(
     call: BlockCall = direct_call,
     reduction: str = "mean",
     early_gradients: bool = False,
+    offload: bool = False,
 ) -> Tensor:
     """Next-token cross-entropy of ``model`` on ``input_ids`` (B, T), with a chunked backward.
 
@@ -260,12 +261,15 @@ def sequence_loss(
         early_gradients: StreamBP with one process: hand each block's gradients to autograd as soon as
             the block is done (for step-in-backward optimizers). The loss must then be the only term of
             the backward that reaches those weights.
+        offload: StreamBP only: the blocks' inputs wait in host memory between the forward and the backward
+            (pinned, on a side stream on CUDA; on CPU a separate buffer per input, which saves nothing but runs
+            the same steps); the gradients are the same bit for bit.
 
     Without gradients (validation) the loss is computed block by block, chunk by chunk, keeping no
     more than one block's input and keys/values. ``torch.autograd.grad(loss, params)`` is not
     supported (the gradients are produced inside the loss's backward); use ``loss.backward()``.
     """
-    config = SequenceConfig(method=method, chunk_size=chunk_size, keep=keep, seed=seed)
+    config = SequenceConfig(method=method, chunk_size=chunk_size, keep=keep, seed=seed, offload=offload)
     if not config.enabled:
         raise MemKitConfigError("sequence_loss(method='none') has nothing to do. Fix: use 'streambp', 'seco' or "
             "'spaco'.")
@@ -292,7 +296,8 @@ def sequence_loss(
             streamed.free()
     if config.method == "streambp":
         fused = cross_entropy is not None and cross_entropy.fused
-        runner: Method = StreamBP(ad, input_ids, targets, config.chunk_size, loss_fn, call, loss_streams=fused)
+        runner: Method = StreamBP(ad, input_ids, targets, config.chunk_size, loss_fn, call, loss_streams=fused,
+                                  offload=config.offload)
     else:
         runner = SeCO(ad, input_ids, targets, config.chunk_size, loss_fn, call, keep=config.keep,
                       draw=None if config.method != "spaco" else int(config.seed) * 1_000_003 + int(step))

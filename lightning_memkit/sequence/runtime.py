@@ -61,7 +61,7 @@ class SequenceRuntime:
         return sequence_loss(
             model, input_ids, labels, method=c.method, chunk_size=c.chunk_size, keep=c.keep, seed=c.seed,
             step=self.step(), ignore_index=ignore_index, shift=shift, cross_entropy=cross_entropy, call=self.call,
-            reduction=reduction, early_gradients=early,
+            reduction=reduction, early_gradients=early, offload=c.offload,
         )
 
 

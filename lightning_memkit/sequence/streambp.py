@@ -17,6 +17,11 @@ Backward, top down:
 A chunk's queries only meet keys up to the chunk's end (causality), so the recomputation costs the
 causal half of attention, no more. Memory: the blocks' inputs, one block's keys/values (plus fp32
 gradients), and one chunk's graph through one block; logits exist for one chunk at a time.
+
+With ``offload`` the blocks' inputs go to host memory as the forward produces them (a
+:class:`~lightning_memkit.sequence.offload.BlockStore`) and come back one block ahead of the backward
+(block ``i-1``'s input is copied back while block ``i`` runs): the device holds two blocks' inputs at a
+time instead of all of them. The copies are exact: the gradients are the same bit for bit.
 """
 
 from __future__ import annotations
@@ -28,15 +33,17 @@ from torch import Tensor
 
 from lightning_memkit.sequence.adapter import SequenceAdapter, causal_bias
 from lightning_memkit.sequence.core import BlockCall, LayerKV, block_chunk, chunks
+from lightning_memkit.sequence.offload import BlockStore
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class StreamBP:
-    """One training step of StreamBP."""
+    """One training step of StreamBP; with ``offload`` the blocks' inputs wait in host memory (see the module
+    docstring). :attr:`store` counts the bytes they take in each pool."""
 
     def __init__(self, ad: SequenceAdapter, input_ids: Tensor, targets: Tensor, chunk_size: int, loss_fn: LossFn,
-                 call: BlockCall, loss_streams: bool = False) -> None:
+                 call: BlockCall, loss_streams: bool = False, offload: bool = False) -> None:
         self.ad, self.ids, self.targets, self.loss_fn, self.call = ad, input_ids, targets, loss_fn, call
         self.spans = chunks(input_ids.shape[1], chunk_size)
         # a loss that never materializes logits (the fused one) takes the whole sequence at once: one
@@ -44,7 +51,8 @@ class StreamBP:
         self.whole_sequence_loss = loss_streams
         self.head_graph: Optional[tuple] = None  # (normed hidden states, loss, head parameters)
         self.head_names: list[str] = []
-        self.inputs: list[Optional[Tensor]] = []  # each block's input (B, T, D)
+        self.store = BlockStore(offload, input_ids.device)
+        self.inputs: list[int] = []  # each block's input (B, T, D): its handle in the store
         self.last: Optional[Tensor] = None  # the last block's output
         self.rope: Optional[tuple[Tensor, Tensor]] = None
 
@@ -110,7 +118,7 @@ class StreamBP:
         self.inputs = []
         for block in self.ad.blocks:
             if keep_inputs:
-                self.inputs.append(x)
+                self.inputs.append(self.store.put(x))
             x = self._block_forward(block, x)
         if not keep_inputs:
             return self._loss(x)
@@ -131,6 +139,8 @@ class StreamBP:
         ``block_done(i)`` are called when the final norm and head, and block ``i``, are done."""
         ad = self.ad
         assert self.last is not None
+        if self.inputs:
+            self.store.prefetch(self.inputs[-1])  # the top block's input comes back while the head runs
         grad = torch.empty_like(self.last)
         if self.head_graph is not None:
             # the loss on the whole normed sequence was computed in the forward with its graph (one
@@ -160,8 +170,9 @@ class StreamBP:
         if head_done is not None:
             head_done()
         for layer in reversed(range(len(ad.blocks))):
-            block, x_full = ad.blocks[layer], self.inputs[layer]
-            assert x_full is not None
+            block, x_full = ad.blocks[layer], self.store.get(self.inputs[layer])
+            if layer:
+                self.store.prefetch(self.inputs[layer - 1])  # comes back while this block runs
             kv = LayerKV(x_full.shape[1])
             with torch.no_grad():  # the block's keys and values for every position
                 for s, e in self.spans:
@@ -174,7 +185,8 @@ class StreamBP:
                 torch.autograd.backward(y, grad[:, s:e].to(y.dtype))
                 below[:, s:e] = x.grad
             kv.free()
-            self.inputs[layer] = None
+            self.store.release(self.inputs[layer])
+            del x_full
             grad = below
             if torch.is_autocast_enabled(self.ids.device.type):
                 torch.clear_autocast_cache()  # this block's weight copies are not needed again
@@ -187,4 +199,5 @@ class StreamBP:
         self.free()
 
     def free(self) -> None:
+        self.store.free()
         self.inputs, self.last, self.rope, self.head_graph = [], None, None, None

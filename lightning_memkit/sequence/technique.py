@@ -13,6 +13,7 @@ from lightning_memkit.config import DEFAULT_SEQUENCE_CHUNK, MemKitConfigError, S
 from lightning_memkit.models.families import is_hf_causal_lm
 from lightning_memkit.sequence.adapter import SequenceAdapter, find_adapter
 from lightning_memkit.sequence.core import BlockCall
+from lightning_memkit.sequence.offload import offload_nbytes
 from lightning_memkit.sequence.runtime import SequenceRuntime, patch_hf_forward, unpatch_hf_forward, use_sequence
 from lightning_memkit.technique import Technique, call_through_wrappers
 
@@ -72,6 +73,7 @@ class SequenceTechnique(Technique):
         self._runtime: Optional[SequenceRuntime] = None
         self._checked = False
         self._chunk_size: Optional[int] = config.chunk_size  # the default is resolved at setup, from the model
+        self._offload = config.offload  # off on a device that is host memory (decided at setup)
 
     def describe(self) -> str:
         c = self.config
@@ -80,10 +82,42 @@ class SequenceTechnique(Technique):
         chunks = f"chunks of {self._chunk_size if self._chunk_size is not None else DEFAULT_SEQUENCE_CHUNK} tokens"
         if c.chunk_size is None and self._chunk_size is not None and self._chunk_size < DEFAULT_SEQUENCE_CHUNK:
             chunks += f" (the default {DEFAULT_SEQUENCE_CHUNK}, clamped to the model's max_seq_len)"
-        return f"sequence-chunked backprop: {what}, {chunks}, {len(self._models)} model(s)"
+        offload = ", blocks' inputs offloaded to host memory" if self._offload else ""
+        return f"sequence-chunked backprop: {what}, {chunks}{offload}, {len(self._models)} model(s)"
 
     def setup_trainer(self, trainer: Any) -> None:
         self._trainer = trainer
+        self._offload = self.config.offload
+        if self._offload and _device_type(trainer) != "cuda":
+            self._offload = False
+            rank_zero_warn(
+                f"memkit: sequence.offload=True has no effect on a {_device_type(trainer)} device: the device is "
+                "host memory, so the blocks' inputs stay where they are. Fix: drop sequence.offload, or train on a "
+                "CUDA device."
+            )
+
+    def _check_host_memory(self, models: list[tuple[nn.Module, SequenceAdapter]], seq_len: Any) -> None:
+        """Refuse offload at setup when the host cannot hold every block's input of one batch."""
+        if not self._offload or not isinstance(seq_len, int):
+            return
+        from lightning_memkit.activations.saved import host_memory_available
+
+        datamodule = getattr(self._trainer, "datamodule", None)
+        batch = getattr(datamodule, "batch_size", None)
+        batch = batch if isinstance(batch, int) and batch > 0 else 1
+        need = max(offload_nbytes(len(ad.blocks), batch, seq_len, ad.lm_head.in_features,
+                                  ad.lm_head.weight.element_size()) for _, ad in models)
+        activations = getattr(getattr(self._trainer, "strategy", None), "activations", None)
+        limit = getattr(activations, "offload_host_memory", None)
+        source = "activations.offload_host_memory" if limit is not None else "the host's available memory"
+        available = limit if limit is not None else host_memory_available()
+        if available is not None and need > available:
+            raise MemKitConfigError(
+                f"sequence.offload=True needs {need / 2**30:.2f} GiB of pinned host memory for the blocks' inputs "
+                f"({need} bytes: layers x batch {batch} x data.seq_len {seq_len} x hidden x element size), but "
+                f"{source} is {available / 2**30:.2f} GiB ({available} bytes). Fix: lower data.seq_len or the batch "
+                "size, raise activations.offload_host_memory if the host has it, or drop sequence.offload."
+            )
 
     def setup_module(self, module: nn.Module) -> None:
         c = self.config
@@ -123,11 +157,12 @@ class SequenceTechnique(Technique):
                     adapter.check_length(seq_len)
                 except ValueError as err:
                     raise MemKitConfigError(f"data.seq_len={seq_len}: {err}") from None
+        self._check_host_memory(models, seq_len)
         self._models = [m for m, _ in models]
         # left unset, the chunk is the default clamped to the shortest max_seq_len of the driven models
         self._chunk_size = c.chunk_for(min(adapter.max_seq_len for _, adapter in models))
         self._patched = [m for m in self._models if is_hf_causal_lm(m) and patch_hf_forward(m)]
-        self._runtime = SequenceRuntime(dataclasses.replace(c, chunk_size=self._chunk_size),
+        self._runtime = SequenceRuntime(dataclasses.replace(c, chunk_size=self._chunk_size, offload=self._offload),
                                         wrapped_block_call(c.method), self._draw_index,
                                         early_gradients=self.step_in_backward)
         self._checked = False
@@ -162,3 +197,8 @@ class SequenceTechnique(Technique):
             unpatch_hf_forward(m)
         self._patched = []
         self._runtime = None
+
+
+def _device_type(trainer: Any) -> str:
+    device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+    return getattr(device, "type", "cpu")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lightning_memkit.config import MemKitConfigError
+from lightning_memkit.config import MemKitConfigError, parse_size
 from lightning_memkit.planner.load import ModelBuildError, example_batch, load
 from lightning_memkit.planner.plans import candidates, configured_candidate, measure, plan, plot, setting_of
 from lightning_memkit.planner.step import Setting, StepRunner
@@ -233,6 +233,104 @@ def test_longest_sequence_bisects_to_the_last_length_that_fits():
     assert not over.recipe.fits
 
 
+def test_longest_sequence_equals_an_exhaustive_scan_in_four_plans():
+    """Two lengths give the line, the third is the predicted answer and the fourth the next multiple: the same
+    answer as trying every multiple (bisection took log2(1024 / 64) + more plans)."""
+    from lightning_memkit.planner.plans import longest_sequence
+
+    overrides = [o for o in TINY if "seq_len" not in o]  # the recipe's own length: 256
+    peaks = {n: plan(QUICKSTART, [*overrides, f"--data.init_args.seq_len={n}", f"--model.init_args.max_seq_len={n}"]
+                     ).recipe.peak for n in range(64, 1025, 64)}
+    for budget in ("8MiB", "12MiB", "40MiB"):
+        fit = [n for n, peak in peaks.items() if peak <= parse_size("gpu_memory", budget)]
+        found = longest_sequence(QUICKSTART, overrides, gpu_memory=budget, multiple=64, upper=1024)
+        assert found.length == max(fit) and found.capped == (max(fit) == 1024), budget
+        assert len(found.tried) <= 4 and found.linear and found.tried[0][0] == 256, (budget, found.tried)
+        first, second = found.tried[0][0], found.tried[1][0]
+        assert found.per_token == (peaks[second] - peaks[first]) / (second - first)
+        assert 25 * 1024 < found.per_token < 32 * 1024  # ~28.8 KiB/token: (B=4) x dim 64, fp32, the tiny model
+
+
+def _fake_plans(monkeypatch, peak_of):
+    """``plan`` replaced by a step whose device peak is ``peak_of(length)``; returns the lengths planned."""
+    from lightning_memkit.planner import plans
+    from lightning_memkit.planner.step import StepResult
+
+    planned = []
+
+    def fake_plan(config, overrides, *, gpu_memory, cpu_memory=None):
+        length = int([o for o in overrides if o.startswith("--data.init_args.seq_len=")][-1].split("=")[1])
+        planned.append(length)
+        row = plans.Row(configured_candidate(Setting()), result=StepResult(at_peak={"activations": peak_of(length)}))
+        return plans.Plan(recipe=plans.judge(row, gpu_memory, cpu_memory))
+
+    monkeypatch.setattr(plans, "plan", fake_plan)
+    return planned
+
+
+def _exhaustive(peak_of, budget, multiple=1024, upper=1 << 17):
+    return max((n for n in range(multiple, upper + 1, multiple) if peak_of(n) <= budget), default=0)
+
+
+BUDGET = 24 << 30
+OVERRIDES = [o for o in TINY if "seq_len" not in o]  # the recipe builds (sequence_arguments); the steps are fakes
+
+
+def test_longest_sequence_reports_the_cost_per_token_of_a_linear_step(monkeypatch):
+    from lightning_memkit.planner.plans import longest_sequence
+
+    def linear(n):
+        return (15 << 30) + 285 * 1024 * n  # Llama-3-8B's long-context recipe: bf16 weights, ~285 KiB/token
+
+    planned = _fake_plans(monkeypatch, linear)
+    found = longest_sequence(QUICKSTART, OVERRIDES, gpu_memory=BUDGET)
+    assert found.length == _exhaustive(linear, BUDGET) == 32768 and not found.capped
+    assert found.per_token == 285 * 1024 and found.fixed == 15 << 30 and found.error == 0 and found.linear
+    assert planned == [1024, 2048, 32768, 33792]  # the recipe's 256 tokens round up to one multiple
+
+
+def test_longest_sequence_steps_down_when_the_predicted_length_does_not_fit(monkeypatch):
+    """A cost within the tolerance of the line but a little over it near the answer: the predicted length is
+    planned, does not fit, and the multiple below is the answer (no bisection)."""
+    from lightning_memkit.planner.plans import longest_sequence
+
+    def bumped(n):
+        return (15 << 30) + 285 * 1024 * n + (300 << 20 if n > 16384 else 0)  # +300 MiB: 1.2% of the budget
+
+    planned = _fake_plans(monkeypatch, bumped)
+    found = longest_sequence(QUICKSTART, OVERRIDES, gpu_memory=BUDGET)
+    assert found.length == _exhaustive(bumped, BUDGET) == 31744 and found.linear
+    assert found.predicted == 32768 and found.error == 300 << 20 and planned == [1024, 2048, 32768, 31744]
+
+
+def test_longest_sequence_bisects_when_the_cost_is_not_linear(monkeypatch):
+    """A quadratic step (attention scores held whole): the line's prediction misses by more than the tolerance,
+    and bisection between the lengths measured finds the same answer as trying every multiple."""
+    from lightning_memkit.planner.plans import LINEAR_TOLERANCE, longest_sequence
+
+    def quadratic(n):
+        return (2 << 30) + 64 * 1024 * n + 32 * n * n
+
+    planned = _fake_plans(monkeypatch, quadratic)
+    found = longest_sequence(QUICKSTART, OVERRIDES, gpu_memory=BUDGET)
+    assert found.length == _exhaustive(quadratic, BUDGET) and found.row.fits and not found.linear
+    assert abs(found.error) > LINEAR_TOLERANCE * BUDGET and len(planned) == len(set(planned)) <= 12
+    assert found.length + 1024 in planned  # the next multiple was planned, and does not fit
+    for budget in (1 << 30, 3 << 30, 100 << 30, 1 << 40):  # nothing fits; a few lengths; the upper bound fits
+        planned.clear()
+        found = longest_sequence(QUICKSTART, OVERRIDES, gpu_memory=budget)
+        assert found.length == _exhaustive(quadratic, budget) and found.capped == (found.length == 1 << 17), budget
+        assert (found.row is None) == (found.length == 0) and len(planned) == len(set(planned)) <= 12, planned
+
+
+def test_longest_sequence_refuses_bounds_that_leave_no_length():
+    """Before, upper < multiple returned length 0 as "capped" (the upper bound fits) after planning a longer length."""
+    from lightning_memkit.planner.plans import longest_sequence
+
+    with pytest.raises(MemKitConfigError, match=r"multiple=1024 and upper=512 leave no length to try. Fix: "):
+        longest_sequence(QUICKSTART, OVERRIDES, gpu_memory="1GiB", upper=512)
+
+
 def test_a_misspelled_model_name_is_reported_as_such(capsys):
     """jsonargparse buries the model's own message in Union machinery; the planner reports it, not 'meta device'."""
     from lightning_memkit.cli import main
@@ -267,10 +365,13 @@ def test_max_seq_len_varies_the_data_for_a_module_without_max_seq_len(tmp_path, 
     assert "varied data.init_args.seq_len)" in out and "max_seq_len" not in out
     length = int(out.split("fits 64MiB: ")[1].split(" tokens")[0])
     tried = [line for line in err.splitlines() if line.startswith("[")]
-    assert tried[0].startswith("[1] 65536 tokens: ") and "does not fit" in tried[0] and len(tried) >= 5
+    assert tried[0].startswith("[1] 1024 tokens: ") and "fits" in tried[0] and len(tried) <= 5  # the recipe's length
     at = plan(recipe, [f"--data.init_args.seq_len={length}"], gpu_memory="64MiB")
     over = plan(recipe, [f"--data.init_args.seq_len={length + 1024}"], gpu_memory="64MiB")
     assert at.recipe.fits and not over.recipe.fits
+    per_token = float(out.split("device cost per token: ")[1].split(" KiB/token")[0])  # printed with the answer
+    assert per_token == pytest.approx((over.recipe.peak - at.recipe.peak) / 1024 / 1024, rel=0.01)
+    assert f"planned {len(tried)} lengths: 1024 (" in out
 
 
 def test_max_seq_len_reports_errors_as_errors_not_as_lengths_that_do_not_fit(tmp_path, capsys):
