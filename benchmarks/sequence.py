@@ -11,6 +11,7 @@ for each method, as a ratio to activation checkpointing with the fused loss, in 
 
     python benchmarks/sequence.py --memory --budget 24GiB
     python benchmarks/sequence.py --speed
+    python benchmarks/sequence.py --speed --speed-rows StreamBP   # StreamBP with and without host offload
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def memory(model: str, budget: int, short: int, long: int, only: str = "") -> li
     return rows
 
 
-def speed(seq_len: int, chunk: int, repeats: int) -> list[tuple[str, ...]]:
+def speed(seq_len: int, chunk: int, repeats: int, only: str = "") -> list[tuple[str, ...]]:
     from lightning_memkit.activations.checkpoint import apply_checkpointing, remove_checkpointing
     from lightning_memkit.config import CrossEntropyConfig
     from lightning_memkit.loss import linear_cross_entropy
@@ -119,10 +120,15 @@ def speed(seq_len: int, chunk: int, repeats: int) -> list[tuple[str, ...]]:
         "checkpointing + fused cross-entropy (reference)": lambda: checkpointed(False),
         "checkpointing, plain loss": lambda: checkpointed(True),
         f"StreamBP (chunk {chunk})": lambda: chunked("streambp"),
+        f"StreamBP (chunk {chunk}), block inputs in host memory": lambda: chunked("streambp", offload=True),
         f"SeCO (chunk {chunk})": lambda: chunked("seco"),
         f"SeCO (chunk {chunk}) + checkpointing": lambda: chunked("seco", checkpoint=True),
         f"SpaCO (chunk {chunk}, keep 0.5)": lambda: chunked("spaco", keep=0.5, seed=0),
     }
+    if only:  # the reference row, and the rows whose name contains one of the comma-separated words
+        words = [w.strip() for w in only.split(",") if w.strip()]
+        first = next(iter(runs))
+        runs = {n: f for n, f in runs.items() if n == first or any(w in n for w in words)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for name, fn in runs.items():  # warm-up
         model.zero_grad(set_to_none=True)
@@ -153,6 +159,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", default="", help="comma-separated row numbers of --memory to run (default: all)")
+    parser.add_argument("--speed-rows", default="",
+                        help="--speed: run the reference row and those whose name contains one of these "
+                             "comma-separated words (e.g. 'StreamBP'; default: all)")
     args = parser.parse_args()
     if not (args.memory or args.speed):
         parser.error("choose --memory and/or --speed")
@@ -165,7 +174,7 @@ def main() -> None:
         print(format_table(rows, ("method", f"peak@{args.short} GiB", f"peak@{args.long} GiB", "KiB/token",
                                   "longest fitting", "its peak GiB", "vs first row", "s")))
     if args.speed:
-        rows = speed(args.seq_len, args.chunk, args.repeats)
+        rows = speed(args.seq_len, args.chunk, args.repeats, args.speed_rows)
         print(f"\nCPU ({torch.get_num_threads()} threads), 4 x 512-wide blocks, vocab 32000, fp32, "
               f"{args.seq_len} tokens, forward + backward, median of {args.repeats}")
         print(format_table(rows, ("method", "s", "vs reference")))
