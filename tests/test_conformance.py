@@ -68,8 +68,7 @@ def sequence_supported(model_type: str) -> bool:
 
 def _parts(hf):
     family = HF_FAMILIES[hf.config.model_type]
-    body = family.decoder(hf)
-    return family.head(hf), getattr(body, family.embed), getattr(body, family.blocks)
+    return family.head(hf), family.part(hf, "embed"), family.part(hf, "blocks")
 
 
 def _lora(hf):

@@ -108,6 +108,11 @@ class HFFamily:
         body = getattr(hf, self.body, None)
         return body if isinstance(body, nn.Module) else None
 
+    def part(self, hf: nn.Module, name: str) -> Any:
+        """The body's part ``name`` (``"blocks"``, ``"final_norm"`` or ``"embed"``: where this entry says it is), or
+        None when the model has no body or no such part."""
+        return getattr(self.decoder(hf), getattr(self, name), None)
+
     def logit_softcap(self, config: Any) -> Optional[float]:
         """The final-logit softcap in force for ``config``, or None."""
         if self.softcap is None:

@@ -58,11 +58,11 @@ class HFCausalLM(nn.Module):
         return getattr(self.hf, self._family.body)
 
     def memkit_blocks(self) -> nn.ModuleList:
-        return getattr(self._body, self._family.blocks)
+        return self._family.part(self.hf, "blocks")
 
     @property
     def final_norm(self) -> nn.Module:
-        return getattr(self._body, self._family.final_norm)
+        return self._family.part(self.hf, "final_norm")
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -78,7 +78,7 @@ class HFCausalLM(nn.Module):
 
     @property
     def embed_tokens(self) -> nn.Embedding:
-        return getattr(self._body, self._family.embed)
+        return self._family.part(self.hf, "embed")
 
     @property
     def max_seq_len(self) -> int:

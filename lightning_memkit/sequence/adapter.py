@@ -273,9 +273,9 @@ class HFAdapter(_LlamaLayoutAdapter):
         config = hf.config
         kind = config.model_type
         body = family.decoder(hf)
-        blocks = getattr(body, family.blocks, None)
-        parts = {"the blocks": blocks, "the embedding": getattr(body, family.embed, None),
-                 "the final norm": getattr(body, family.final_norm, None),
+        blocks = family.part(hf, "blocks")
+        parts = {"the blocks": blocks, "the embedding": family.part(hf, "embed"),
+                 "the final norm": family.part(hf, "final_norm"),
                  "the rotary embedding": getattr(body, "rotary_emb", None)}
         missing = [what for what, part in parts.items() if part is None]
         if not missing:
@@ -338,7 +338,7 @@ class HFAdapter(_LlamaLayoutAdapter):
 
     @property
     def embedding(self) -> nn.Module:
-        return getattr(self._body, self.family.embed)
+        return self.family.part(self.model, "embed")
 
     def rope(self, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         rotary = self._body.rotary_emb
@@ -409,7 +409,7 @@ class HFAdapter(_LlamaLayoutAdapter):
         return out if post is None else getattr(block, post)(out)
 
     def final_norm(self, x: Tensor) -> Tensor:
-        return getattr(self._body, self.family.final_norm)(x)
+        return self.family.part(self.model, "final_norm")(x)
 
     @property
     def lm_head(self) -> nn.Linear:
@@ -510,10 +510,11 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, bias: Any, scale: Optional[
     given to :func:`~lightning_memkit.sequence.attention.chunked_attention_above`; other chunks keep SDPA (off
     CUDA with an explicit mask, which PyTorch's blocked CPU kernel reads) or the eager softcapped formula.
     """
-    from lightning_memkit.sequence.attention import attention_backend, chunked_attention
+    from lightning_memkit.sequence.attention import attention_backend, chunked_attention, uses_chunked
 
-    backend = attention_backend(q, k, v, bias, scale, softcap)
-    if backend == "memkit-chunked":
+    # memkit's kernel only ever takes chunks above the threshold: smaller ones (most, in every layer of every
+    # chunk) go straight to SDPA without asking SDPA's dispatcher
+    if uses_chunked(q.shape[-2], k.shape[-2]) and attention_backend(q, k, v, bias, scale, softcap) == "memkit-chunked":
         return chunked_attention(q, k, v, scale=scale, softcap=softcap)
     if softcap is not None:
         return _softcapped_attention(q, k, v, scale, float(softcap))
