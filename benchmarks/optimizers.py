@@ -8,9 +8,13 @@
    measured on fake tensors (``lightning_memkit.memory.fake_training_step``).
 3. CPU time of ``optimizer.step()`` per optimizer, as a ratio to torch AdamW, in one run: the
    parameters of a 45M-parameter Llama shape with fixed gradients, the optimizers taking turns,
-   best of --repeats.
+   best of --repeats. COSMOS runs here at this shape (512 x 512 .. 512 x 1536 matrices): at the
+   Llama-3-8B shapes its Newton-Schulz iterations take about a minute per step on a small CPU. The
+   zeroth-order optimizers are timed with a closure that returns a constant: what is measured is the
+   optimizer's own work (regenerating the noise 4 times per parameter: +εz, -2εz, +εz, update); a real ZO
+   step adds 2 forward passes per perturbation.
 
-    python benchmarks/optimizers.py [--skip-peak] [--repeats 5]
+    python benchmarks/optimizers.py [--skip-peak] [--skip-cpu] [--repeats 5] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -18,15 +22,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Optional
 
 import torch
 
-from lightning_memkit.config import OptimizerConfig
+from lightning_memkit.config import OPTIMIZER_KEYS, OptimizerConfig
 from lightning_memkit.memory import format_table
 from lightning_memkit.units import GIB
 
-NAMES = ["none", "adamw8bit", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal"]
+NAMES = ["none", "adamw", "adamw8bit", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal", "spam",
+         "sgd_sai", "cosmos", "natural_galore", "natural_galore8bit", "zo_sgd", "zo_adam"]
 LABEL = {"none": "torch AdamW (fp32 states)"}
+#: the low-rank optimizers' rank in the CPU timing (its shape is narrow: dim 512); APOLLO-Mini keeps its rank 1
+CPU_RANK = 32
+ZEROTH_ORDER = ("zo_sgd", "zo_adam")
 
 
 def state_table() -> None:
@@ -58,6 +67,8 @@ def state_table() -> None:
 def _variants(name: str) -> list[OptimizerConfig]:
     if name == "galore_adamw8bit":
         return [OptimizerConfig(name=name, rank=128), OptimizerConfig(name=name, rank=512)]
+    if name == "spam":  # dense (the paper's default) and the sparse-momentum variant
+        return [OptimizerConfig(name=name), OptimizerConfig(name=name, density=0.25)]
     return [OptimizerConfig(name=name)]
 
 
@@ -92,7 +103,7 @@ def _cpu_shape():  # noqa: ANN202
     return LlamaConfig(vocab_size=32000, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=1536)
 
 
-def cpu_times(repeats: int) -> None:
+def cpu_times(repeats: int, only: Optional[list[str]] = None) -> None:
     from lightning_memkit.models.llama import Transformer
     from lightning_memkit.optim.convert import convert_optimizer, select_lowrank
 
@@ -102,26 +113,40 @@ def cpu_times(repeats: int) -> None:
     lowrank = select_lowrank(model, None)
     opts = {}
     for name in NAMES:
-        base = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        rank = {"rank": 32} if name in ("galore_adamw", "galore_adamw8bit", "apollo", "frugal") else {}
-        opts[name] = (base if name == "none"
-                      else convert_optimizer(base, OptimizerConfig(name=name, **rank), lowrank, {}))
-    best: dict[str, list[float]] = {n: [] for n in NAMES}
-    for _ in range(repeats + 1):  # the first round creates the states (and SVDs): not counted
-        for name, opt in opts.items():
+        if only and name not in only and name != "none":
+            continue
+        for cfg in _variants(name):
+            if name == "galore_adamw8bit" and cfg.rank != 128:
+                continue
+            settings = cfg.optimizer_kwargs()
+            if "rank" in OPTIMIZER_KEYS[name] and name != "apollo_mini":
+                settings["rank"] = CPU_RANK
+            label = LABEL.get(name, name) + "".join(f" {k}={v}" for k, v in settings.items() if k != "rank")
+            base = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            opts[label] = (name, base if name == "none"
+                           else convert_optimizer(base, OptimizerConfig(name=name, **settings), lowrank, {}))
+    best: dict[str, list[float]] = {label: [] for label in opts}
+    constant = torch.tensor(1.0)
+    for _ in range(repeats + 1):  # the first round creates the states (and SVDs, SGD-SaI's scales): not counted
+        for label, (name, opt) in opts.items():
             for p in model.parameters():
-                p.grad = grads[p].clone()
+                p.grad = None if name in ZEROTH_ORDER else grads[p].clone()
             start = time.perf_counter()
-            opt.step()
-            best[name].append(time.perf_counter() - start)
-    base = min(best["none"][1:])
-    rows = [(LABEL.get(n, n), f"{1e3 * min(t[1:]):.1f}", f"{1e3 * statistics.median(t[1:]):.1f}",
-             f"{min(t[1:]) / base:.2f}x") for n, t in best.items()]
+            if name in ZEROTH_ORDER:  # the optimizer's own work; the forward passes are the model's
+                opt.step(lambda: constant)
+            else:
+                opt.step()
+            best[label].append(time.perf_counter() - start)
+    base = min(best[LABEL["none"]][1:])
+    rows = [(label, f"{1e3 * min(t[1:]):.1f}", f"{1e3 * statistics.median(t[1:]):.1f}",
+             f"{min(t[1:]) / base:.2f}x") for label, t in best.items()]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"\nCPU optimizer.step() time, a {n_params / 1e6:.1f}M-parameter Llama shape "
           "(dim 512, 4 layers, vocab 32000; "
-          "rank 32, APOLLO-Mini 1), "
-          f"best of {repeats} ({torch.get_num_threads()} threads); SVD refreshes (every 200 steps) not included")
+          f"rank {CPU_RANK}, APOLLO-Mini 1), "
+          f"best of {repeats} ({torch.get_num_threads()} threads); SVD refreshes (every 200 steps) not included; "
+          "COSMOS refreshes its basis every step (included); zo_*: the optimizer's work only (a constant closure), "
+          "a real step adds 2 forward passes per perturbation")
     print(format_table(rows, ("optimizer", "best ms", "median ms", "vs torch AdamW")))
 
 
@@ -214,11 +239,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-peak", action="store_true", help="skip the fake-tensor 8B steps (~25 s each)")
+    parser.add_argument("--skip-cpu", action="store_true", help="skip the CPU step timing")
+    parser.add_argument("--only", nargs="+", choices=NAMES, help="time only these optimizers (and torch AdamW)")
     args = parser.parse_args()
     state_table()
     if not args.skip_peak:
         peak_table()
-    cpu_times(args.repeats)
+    if not args.skip_cpu:
+        cpu_times(args.repeats, args.only)
 
 
 if __name__ == "__main__":

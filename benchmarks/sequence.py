@@ -10,6 +10,7 @@ Part 2, ``--speed`` (real tensors, this CPU): forward + backward time of one ste
 for each method, as a ratio to activation checkpointing with the fused loss, in one run.
 
     python benchmarks/sequence.py --memory --budget 24GiB
+    python benchmarks/sequence.py --memory --rows 3 --short 65536 --long 131072 --upper 131072   # offload, long
     python benchmarks/sequence.py --speed
     python benchmarks/sequence.py --speed --speed-rows StreamBP   # StreamBP with and without host offload
 """
@@ -35,44 +36,52 @@ MEMORY_METHODS: dict[str, dict] = {
     "checkpointing + fused cross-entropy": {"checkpoint_every": 1, "fused_cross_entropy": True},
     "StreamBP (chunk 2048) + fused cross-entropy": {
         "sequence": {"method": "streambp", "chunk_size": 2048}, "fused_cross_entropy": True},
+    "StreamBP (chunk 2048) + offload + fused": {
+        "sequence": {"method": "streambp", "chunk_size": 2048, "offload": True}, "fused_cross_entropy": True},
     "SeCO (chunk 2048) + checkpointing + fused": {
         "sequence": {"method": "seco", "chunk_size": 2048}, "checkpoint_every": 1, "fused_cross_entropy": True},
 }
 
 
-def peak(model: str, seq_len: int, kwargs: dict) -> float:
+def step(model: str, seq_len: int, kwargs: dict):
     from lightning_memkit.models.llama import get_config
 
     cfg = get_config(model, max_seq_len=1 << 20)  # the shape, with RoPE allowed past its trained length
-    return fake_training_step(cfg, seq_len=seq_len, optimizer=OPTIMIZER, **kwargs).peak
+    return fake_training_step(cfg, seq_len=seq_len, optimizer=OPTIMIZER, **kwargs)
 
 
-def memory(model: str, budget: int, short: int, long: int, only: str = "") -> list[tuple[str, ...]]:
+def memory(model: str, budget: int, short: int, long: int, only: str = "", upper: int = 0) -> list[tuple[str, ...]]:
+    """Per method: the device peak at two lengths, its cost per token, the longest length the line says fits
+    (at most ``upper`` when given; measured again, stepping down by 1024 until it fits), the host memory there, and
+    that length against the first row's and against checkpointing + fused cross-entropy's."""
     rows = []
-    baseline = None
+    longest: dict[str, int] = {}
     for index, (name, kwargs) in enumerate(MEMORY_METHODS.items()):
         if only and str(index) not in only.split(","):
             continue
         start = time.perf_counter()
-        a, b = peak(model, short, kwargs), peak(model, long, kwargs)
+        first, second = step(model, short, kwargs), step(model, long, kwargs)
+        a, b = first.peak, second.peak
         per_token = (b - a) / (long - short)
+        host = "-"
         if a > budget:
             best, confirmed = 0, "-"
         else:
             best = int(short + (budget - a) / per_token) // 1024 * 1024 if per_token > 0 else long
             best = max(best, short)
-            got = peak(model, best, kwargs)
-            confirmed = f"{got / GIB:.2f}"
-            if got > budget:  # the line was optimistic: step down until it fits
-                while best > short and got > budget:
-                    best -= 1024
-                    got = peak(model, best, kwargs)
-                confirmed = f"{got / GIB:.2f}"
-        if baseline is None:
-            baseline = best
-        ratio = f"{best / baseline:.1f}x" if baseline else "-"
+            if upper:
+                best = min(best, upper)
+            got = second if best == long else step(model, best, kwargs)
+            while best > short and got.peak > budget:  # the line was optimistic: step down until it fits
+                best -= 1024
+                got = step(model, best, kwargs)
+            confirmed = f"{got.peak / GIB:.2f}"
+            host = f"{got.host / GIB:.2f}" if got.host else "-"
+        longest[name] = best
+        ratios = [f"{best / longest[ref]:.1f}x" if longest.get(ref) else "-"
+                  for ref in (next(iter(longest)), "checkpointing + fused cross-entropy")]
         rows.append((name, f"{a / GIB:.2f}", f"{b / GIB:.2f}", f"{per_token / 1024:.0f}", f"{best:,}" if best else
-                     "does not fit", confirmed, ratio, f"{time.perf_counter() - start:.0f}"))
+                     "does not fit", confirmed, host, *ratios, f"{time.perf_counter() - start:.0f}"))
         print(rows[-1], flush=True)
     return rows
 
@@ -159,6 +168,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", default="", help="comma-separated row numbers of --memory to run (default: all)")
+    parser.add_argument("--upper", type=int, default=0, help="--memory: the longest length to try (0: no bound)")
     parser.add_argument("--speed-rows", default="",
                         help="--speed: run the reference row and those whose name contains one of these "
                              "comma-separated words (e.g. 'StreamBP'; default: all)")
@@ -168,11 +178,12 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     if args.memory:
         budget = parse_size("--budget", args.budget)
-        rows = memory(args.model, budget, args.short, args.long, args.rows)
+        rows = memory(args.model, budget, args.short, args.long, args.rows, args.upper)
         print(f"\n{args.model}, bf16, batch 1, APOLLO-Mini on every weight + step in backward; budget "
               f"{budget / GIB:.0f} GiB (fake tensors)")
         print(format_table(rows, ("method", f"peak@{args.short} GiB", f"peak@{args.long} GiB", "KiB/token",
-                                  "longest fitting", "its peak GiB", "vs first row", "s")))
+                                  "longest fitting", "its peak GiB", "host GiB", "vs first row",
+                                  "vs ckpt+fused", "s")))
     if args.speed:
         rows = speed(args.seq_len, args.chunk, args.repeats, args.speed_rows)
         print(f"\nCPU ({torch.get_num_threads()} threads), 4 x 512-wide blocks, vocab 32000, fp32, "

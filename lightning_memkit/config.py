@@ -219,6 +219,82 @@ ACTIVATIONS_SHORTHANDS: dict[str, dict[str, Any]] = {
 }
 
 
+# WTA-CRS: activations.sampled_backward (see lightning_memkit.activations.sampled)
+#: the authors' ``minimal_k``: never fewer sampled rows than this (all of them when a batch has fewer)
+DEFAULT_MIN_ROWS = 10
+
+
+@dataclass(frozen=True)
+class SampledBackwardConfig:
+    """Settings of ``activations.sampled_backward``.
+
+    Attributes:
+        keep: fraction of the rows (tokens) of each chosen layer's input kept for its weight gradient, in (0, 1];
+            1.0 keeps them all (the plain layer, bit for bit).
+        modules: module-name patterns (fnmatch over ``named_modules()``); the linear layers matched, or inside a
+            matched module, are sampled. None: every ``nn.Linear`` inside the transformer blocks.
+        seed: seed of the sampling; each training step draws from a generator seeded with (seed, global step,
+            micro-batch, process rank), so runs and resumed runs draw the same rows. None: torch's global generator.
+        min_rows: never fewer rows than this (the authors' ``minimal_k``).
+    """
+
+    keep: float = 0.3
+    modules: Optional[tuple[str, ...]] = None
+    seed: Optional[int] = 0
+    min_rows: int = DEFAULT_MIN_ROWS
+
+
+SampledBackwardSetting = Union[float, Mapping[str, Any], SampledBackwardConfig, None]
+
+_WTA = "activations.sampled_backward"
+
+
+def parse_sampled_backward(value: SampledBackwardSetting) -> Optional[SampledBackwardConfig]:
+    """Turn the user's ``activations.sampled_backward`` into a :class:`SampledBackwardConfig` (None: off).
+
+    Args:
+        value: None (off); a float, the ``keep`` fraction; a mapping with the keys ``keep``, ``modules``, ``seed``,
+            ``min_rows``; or a :class:`SampledBackwardConfig`.
+
+    Raises:
+        MemKitConfigError: wrong type, unknown key, or a value out of range.
+    """
+    if value is None:
+        return None
+    if isinstance(value, SampledBackwardConfig):
+        fields: dict[str, Any] = dict(keep=value.keep, modules=value.modules, seed=value.seed, min_rows=value.min_rows)
+    elif isinstance(value, (bool, str)):
+        raise MemKitConfigError(f"{_WTA}={value!r} has type {type(value).__name__}. Fix: a fraction of the rows to "
+                                "keep, e.g. 0.3, or a mapping such as {keep: 0.3, seed: 0}.")
+    elif isinstance(value, numbers.Real):
+        fields = {"keep": value}
+    elif isinstance(value, Mapping):
+        allowed = ("keep", "modules", "seed", "min_rows")
+        unknown = sorted(str(k) for k in value if k not in allowed)
+        if unknown:
+            raise MemKitConfigError(f"{_WTA} has unknown key(s) {unknown}. Fix: use only {list(allowed)}.")
+        fields = dict(value)
+    else:
+        raise MemKitConfigError(f"{_WTA}={value!r} has type {type(value).__name__}. Fix: a fraction such as 0.3, or "
+                                "a mapping such as {keep: 0.3, modules: ['*.mlp.*'], seed: 0}.")
+    keep = check_number(f"{_WTA}.keep", fields.get("keep", 0.3), minimum=0, maximum=1, min_exclusive=True,
+                        fix="a fraction of the rows in (0, 1], e.g. 0.3 (1.0 keeps every row: the exact gradient).")
+    modules = fields.get("modules")
+    if modules is not None:
+        if isinstance(modules, str) or not isinstance(modules, (list, tuple)) or not modules \
+                or not all(isinstance(m, str) and m for m in modules):
+            raise MemKitConfigError(f"{_WTA}.modules={modules!r} must be a non-empty list of module-name patterns. "
+                                    "Fix: e.g. ['*.self_attn.*_proj', '*.mlp'], or drop it for every linear layer "
+                                    "inside the transformer blocks.")
+        modules = tuple(modules)
+    seed = fields.get("seed", 0)
+    if seed is not None:
+        seed = check_int(f"{_WTA}.seed", seed, minimum=0)
+    min_rows = check_int(f"{_WTA}.min_rows", fields.get("min_rows", DEFAULT_MIN_ROWS), minimum=1)
+    return SampledBackwardConfig(keep=float(keep), modules=modules, seed=seed, min_rows=min_rows)
+
+
+
 @dataclass(frozen=True)
 class ActivationsConfig:
     """Settings of the ``activations`` family.
@@ -245,6 +321,9 @@ class ActivationsConfig:
         offload_host_memory: with ``offload``: the most pinned host memory offload may use (bytes or
             ``"32GiB"``); checked against the host's available memory at setup (on CUDA), and an error
             names it if a step needs more. None: not checked.
+        sampled_backward: WTA-CRS (:class:`SampledBackwardConfig`, or a ``keep`` fraction): chosen linear layers
+            keep a sample of their input's rows and estimate their weight gradient from it (unbiased;
+            approximate). None: off.
     """
 
     checkpoint: str = "none"
@@ -256,8 +335,10 @@ class ActivationsConfig:
     min_numel: int = 4096
     activation_budget: Optional[Union[int, str]] = None
     offload_host_memory: Optional[Union[int, str]] = None
+    sampled_backward: Optional[Any] = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sampled_backward", parse_sampled_backward(self.sampled_backward))
         if self.activation_budget is not None:
             object.__setattr__(self, "activation_budget", parse_size("activations.activation_budget",
                                                                      self.activation_budget))
@@ -313,7 +394,7 @@ class ActivationsConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.checkpoint != "none" or self.compress != "none" or self.offload
+        return self.checkpoint != "none" or self.compress != "none" or self.offload or self.sampled_backward is not None
 
 
 ActivationsSetting = Union[str, Mapping[str, Any], ActivationsConfig, None]
@@ -407,23 +488,40 @@ def parse_cross_entropy(value: CrossEntropySetting) -> CrossEntropyConfig:
 #: "none" keeps the user's optimizer; every other name rebuilds it (see lightning_memkit.optim).
 OPTIMIZER_NAMES = (
     "none", "adamw", "adamw8bit", "paged_adamw8bit", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini",
-    "frugal",
+    "frugal", "spam", "sgd_sai", "cosmos", "natural_galore", "natural_galore8bit", "zo_sgd", "zo_adam",
 )
+_LOWRANK_KEYS = ("rank", "update_gap", "scale", "target_modules")
+_ZO_KEYS = ("perturbation", "n_perturbations", "blockwise", "seed")
 #: which optional keys each optimizer takes (None in the config: the optimizer's own default)
 OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
     "none": (),
     "adamw": (),
     "adamw8bit": (),
     "paged_adamw8bit": (),
-    "galore_adamw": ("rank", "update_gap", "scale", "target_modules"),
-    "galore_adamw8bit": ("rank", "update_gap", "scale", "target_modules"),
-    "apollo": ("rank", "update_gap", "scale", "scale_type", "norm_growth_limit", "seed", "target_modules"),
-    "apollo_mini": ("rank", "update_gap", "scale", "scale_type", "norm_growth_limit", "seed", "target_modules"),
+    "galore_adamw": _LOWRANK_KEYS,
+    "galore_adamw8bit": _LOWRANK_KEYS,
+    "apollo": ("rank", "update_gap", "scale", "scale_type", "norm_growth_limit", "limiter_on", "seed",
+               "target_modules"),
+    "apollo_mini": ("rank", "update_gap", "scale", "scale_type", "norm_growth_limit", "limiter_on", "seed",
+                    "target_modules"),
     "frugal": ("rank", "update_gap", "proj", "state_free", "free_lr_scale", "reset_on_refresh", "seed",
                "target_modules"),
+    "spam": ("reset_interval", "spike_threshold", "reset_warmup", "density", "seed", "target_modules"),
+    "sgd_sai": (),
+    "cosmos": _LOWRANK_KEYS,
+    "natural_galore": (*_LOWRANK_KEYS, "history", "damping"),
+    "natural_galore8bit": (*_LOWRANK_KEYS, "history", "damping"),
+    "zo_sgd": _ZO_KEYS,
+    "zo_adam": _ZO_KEYS,
 }
-#: optimizers step-in-backward can drive (bitsandbytes' optimizers have no per-parameter update)
-IN_BACKWARD_OPTIMIZERS = ("adamw", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal")
+#: optimizers without a low-rank rule (every parameter dense)
+DENSE_ONLY_OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd_sai", "zo_sgd", "zo_adam")
+#: optimizers step-in-backward can drive (bitsandbytes' optimizers have no per-parameter update; zeroth-order
+#: training runs no backward)
+IN_BACKWARD_OPTIMIZERS = ("adamw", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal", "spam",
+                          "sgd_sai", "cosmos", "natural_galore", "natural_galore8bit")
+#: zeroth-order optimizers: the step runs the forward twice per perturbation and never calls backward
+ZEROTH_ORDER_OPTIMIZERS = ("zo_sgd", "zo_adam")
 
 OPTIMIZER_SHORTHANDS: dict[str, dict[str, Any]] = {name: {"name": name} for name in OPTIMIZER_NAMES}
 
@@ -433,19 +531,38 @@ class OptimizerConfig:
     """Settings of the ``optimizer`` family. Fields left None take the optimizer's own default.
 
     Attributes:
-        name: one of :data:`OPTIMIZER_NAMES`.
-        rank: subspace dimension (GaLore 128, APOLLO 256, APOLLO-Mini 1, FRUGAL 128).
-        update_gap: steps between projection refreshes (200).
-        scale: GaLore's α (0.25); APOLLO's scale, applied as √scale (1; APOLLO-Mini 128).
+        name: one of :data:`OPTIMIZER_NAMES`. ``"sgd_sai"`` (SGD-SaI) takes no key of its own: its momentum
+            is ``betas[0]`` of the param group (0.9), its learning-rate scales are computed at the first step.
+        rank: subspace dimension (GaLore 128, APOLLO 256, APOLLO-Mini 1, FRUGAL 128, COSMOS 64, Natural
+            GaLore 128); left unset, it is lowered to min(m, n) on narrower weights.
+        update_gap: steps between projection refreshes (200; COSMOS 1: its eigenbasis is updated every step).
+        scale: GaLore's and Natural GaLore's α (0.25); APOLLO's scale, applied as √scale (1; APOLLO-Mini 128);
+            COSMOS: the weight of its MUON (orthogonalized) part (0.2).
         scale_type: APOLLO's ``"channel"`` or ``"tensor"``.
         norm_growth_limit: APOLLO's limiter γ (1.01); 0 turns it off.
+        limiter_on: APOLLO: the update the norm-growth limiter watches: ``"raw"`` (before bias correction, as
+            apollo-torch; default) or ``"corrected"`` (after it; memkit's earlier behaviour).
         proj, state_free, free_lr_scale, reset_on_refresh: FRUGAL's projection (``"svd"``/``"random"``),
             state-free rule (``"signsgd"``/``"sgd"``), its learning-rate multiple (1.0), and whether
             moments reset when the basis changes (true).
-        seed: base seed of random projections (0).
+        seed: base seed of random projections (0); SPAM: of its sparse-momentum masks; zeroth-order: of the
+            perturbations.
+        reset_interval: SPAM: steps between momentum resets (500), both moments zeroed.
+        spike_threshold: SPAM's θ (5000): gradient entries with g² > θ·v are clipped to sign(g)·√(θ·v);
+            0 turns the clipping off.
+        reset_warmup: SPAM: steps of the cosine learning-rate warm-up after each reset (150); 0: none.
+        density: SPAM: fraction of the entries of each ``target_modules`` weight that keep moments (1.0:
+            dense Adam; < 1: the sparse-momentum variant, a random mask renewed at each reset).
+        history: Natural GaLore: projected gradients kept for the empirical Fisher (10).
+        damping: Natural GaLore: the Fisher's damping λ (> 0; 1e-3).
+        perturbation: zeroth-order: the SPSA perturbation size ε (MeZO: 1e-3).
+        n_perturbations: zeroth-order: perturbations averaged per step (1).
+        blockwise: zeroth-order: perturb and update one parameter block at a time.
         target_modules: module-name patterns (fnmatch, over ``LightningModule.named_modules()``) whose
-            2-D weights get the low-rank rule; None: every ``nn.Linear`` inside the transformer blocks.
-        in_backward: update each parameter from its gradient hook (see ``optim.in_backward``).
+            2-D weights get the low-rank rule (SPAM: sparse momentum); None: every ``nn.Linear`` inside the
+            transformer blocks.
+        in_backward: update each parameter from its gradient hook (see ``optim.in_backward``); one of
+            :data:`IN_BACKWARD_OPTIMIZERS`.
     """
 
     name: str = "none"
@@ -454,11 +571,21 @@ class OptimizerConfig:
     scale: Optional[float] = None
     scale_type: Optional[str] = None
     norm_growth_limit: Optional[float] = None
+    limiter_on: Optional[str] = None
     proj: Optional[str] = None
     state_free: Optional[str] = None
     free_lr_scale: Optional[float] = None
     reset_on_refresh: Optional[bool] = None
     seed: Optional[int] = None
+    reset_interval: Optional[int] = None
+    spike_threshold: Optional[float] = None
+    reset_warmup: Optional[int] = None
+    density: Optional[float] = None
+    history: Optional[int] = None
+    damping: Optional[float] = None
+    perturbation: Optional[float] = None
+    n_perturbations: Optional[int] = None
+    blockwise: Optional[bool] = None
     target_modules: Optional[tuple[str, ...]] = None
     in_backward: bool = False
 
@@ -473,27 +600,46 @@ class OptimizerConfig:
                 f"optimizer.{f.name}={getattr(self, f.name)!r} does not apply to optimizer {self.name!r} (it is a "
                 f"setting of {', '.join(takers)}). Fix: drop optimizer.{f.name}, or choose one of those optimizers."
             )
-        for key in ("rank", "update_gap"):
+        for key in ("rank", "update_gap", "reset_interval", "history", "n_perturbations"):
             if getattr(self, key) is not None:
                 check_int(f"optimizer.{key}", getattr(self, key), minimum=1)
-        if self.seed is not None:
-            check_int("optimizer.seed", self.seed, minimum=0)
-        for key, exclusive in (("scale", True), ("free_lr_scale", False), ("norm_growth_limit", False)):
+        for key in ("seed", "reset_warmup"):
+            if getattr(self, key) is not None:
+                check_int(f"optimizer.{key}", getattr(self, key), minimum=0)
+        for key, exclusive in (("scale", True), ("free_lr_scale", False), ("norm_growth_limit", False),
+                               ("spike_threshold", False), ("damping", True), ("perturbation", True)):
             if getattr(self, key) is not None:
                 object.__setattr__(self, key, check_number(
                     f"optimizer.{key}", getattr(self, key), minimum=0, min_exclusive=exclusive,
                     fix=f"set optimizer.{key} to a finite number {'>' if exclusive else '>='} 0, or drop it for the "
                         "optimizer's default."))
+        if self.density is not None:
+            object.__setattr__(self, "density", check_number(
+                "optimizer.density", self.density, minimum=0, maximum=1, min_exclusive=True,
+                what="a number in (0, 1]", fix="set optimizer.density in (0, 1] (1.0: dense moments; SPAM's sparse "
+                                               "variant uses e.g. 0.25), or drop it."))
+        if None not in (self.reset_warmup, self.reset_interval) and self.reset_warmup > self.reset_interval:
+            raise MemKitConfigError(
+                f"optimizer.reset_warmup={self.reset_warmup!r} is longer than optimizer.reset_interval="
+                f"{self.reset_interval!r}: the warm-up after a reset would never finish before the next reset. Fix: "
+                "reset_warmup <= reset_interval (the paper: 150 and 500).")
+        if self.name == "spam" and self.target_modules is not None and (self.density is None or self.density == 1):
+            raise MemKitConfigError(
+                f"optimizer.target_modules={list(self.target_modules)!r} with SPAM picks the weights that get sparse "
+                f"momentum, but density={self.density!r} keeps every moment dense. Fix: set optimizer.density below 1 "
+                "(e.g. 0.25), or drop target_modules.")
         if self.norm_growth_limit not in (None, 0) and self.norm_growth_limit < 1:
             raise MemKitConfigError(f"optimizer.norm_growth_limit={self.norm_growth_limit!r} must be >= 1 (or 0 to "
                                     "turn the limiter off). Fix: use the paper's 1.01.")
+        if self.limiter_on is not None:
+            check_choice("optimizer.limiter_on", self.limiter_on, ("raw", "corrected"))
         if self.scale_type is not None:
             check_choice("optimizer.scale_type", self.scale_type, ("channel", "tensor"))
         if self.proj is not None:
             check_choice("optimizer.proj", self.proj, ("svd", "random"))
         if self.state_free is not None:
             check_choice("optimizer.state_free", self.state_free, ("signsgd", "sgd"))
-        for key in ("in_backward", "reset_on_refresh"):
+        for key in ("in_backward", "reset_on_refresh", "blockwise"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, bool):
                 raise MemKitConfigError(f"optimizer.{key}={value!r} has type {type(value).__name__}. Fix: true or "
@@ -507,10 +653,12 @@ class OptimizerConfig:
                 )
             object.__setattr__(self, "target_modules", tuple(patterns))
         if self.in_backward and self.name not in IN_BACKWARD_OPTIMIZERS:
-            raise MemKitConfigError(
-                f"optimizer.in_backward=true with optimizer {self.name!r}: "
-                + ("there is no optimizer to drive (name 'none' keeps yours). " if self.name == "none" else
+            why = ("there is no optimizer to drive (name 'none' keeps yours). " if self.name == "none" else
+                   "zeroth-order training runs no backward pass (it estimates the gradient from forward passes). "
+                   if self.name in ZEROTH_ORDER_OPTIMIZERS else
                    "bitsandbytes' optimizers have no per-parameter update to call from a gradient hook. ")
+            raise MemKitConfigError(
+                f"optimizer.in_backward=true with optimizer {self.name!r}: " + why
                 + f"Fix: choose one of {_fmt_allowed(IN_BACKWARD_OPTIMIZERS)}, or set in_backward=false."
             )
 

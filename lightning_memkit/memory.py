@@ -53,6 +53,8 @@ class MemoryBreakdown:
         allocator_peak: on CUDA, the caching allocator's peak during the step (includes
             fragmentation and tensors outside the tracked objects); None elsewhere.
         step: the optimizer step measured, when known.
+        host: the most bytes the techniques kept in host memory at once during the step (``sequence.offload``'s
+            block inputs), outside ``peak``; 0 when nothing was offloaded (or the allocator measured the step).
     """
 
     by_category: dict[str, int]
@@ -60,6 +62,7 @@ class MemoryBreakdown:
     method: str = "CategoryTracker (bytes of live tensor storages)"
     allocator_peak: Optional[int] = None
     step: Optional[int] = None
+    host: int = 0
 
     @property
     def peak(self) -> int:
@@ -70,6 +73,8 @@ class MemoryBreakdown:
         out[f"{prefix}peak_mib"] = self.peak / MIB
         if self.allocator_peak is not None:
             out[f"{prefix}allocator_peak_mib"] = self.allocator_peak / MIB
+        if self.host:
+            out[f"{prefix}host_mib"] = self.host / MIB
         return out
 
 
@@ -207,7 +212,7 @@ class StepMemoryTracker:
         by_category = {name: int(at.get(name, 0)) for name in CATEGORIES}
         by_category["activations"] += int(at.get("logits_loss", 0))
         return MemoryBreakdown(by_category=by_category, device=str(self._device), method=self.method,
-                               allocator_peak=self._cuda_peak, step=step)
+                               allocator_peak=self._cuda_peak, step=step, host=int(self._tracker.host_peak))
 
 
 class AllocatorStepTracker:
@@ -299,7 +304,8 @@ def fake_training_step(
             measured step (created by the planner's warm-up, a step on zero gradients).
         optimizer: a memkit ``optimizer=`` setting (e.g. ``{"name": "apollo_mini", "in_backward": True}``)
             to convert the AdamW into, as the strategy would; None: torch AdamW.
-        sequence: a memkit ``sequence=`` setting (e.g. ``{"method": "streambp", "chunk_size": 2048}``).
+        sequence: a memkit ``sequence=`` setting (e.g. ``{"method": "streambp", "chunk_size": 2048}``); with
+            ``"offload": True`` the step is planned as on a GPU: the blocks' inputs are ``host`` bytes.
 
     Raises:
         MemKitConfigError: a bitsandbytes optimizer (its compiled kernels cannot run on fake tensors: predict
@@ -353,5 +359,5 @@ def fake_training_step(
         "optimizer_state": at["optimizer_state"], "activations": at["activations"] + at["logits_loss"],
         "temporaries": at["temporaries"], "other": at["other"] - buffers,
     }
-    return MemoryBreakdown(by_category=by_category, device="cpu", step=min(warmup_steps, 1),
+    return MemoryBreakdown(by_category=by_category, device="cpu", step=min(warmup_steps, 1), host=result.host,
                            method="the planner's step under FakeTensorMode (CategoryTracker; nothing allocated)")

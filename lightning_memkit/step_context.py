@@ -12,7 +12,10 @@ this module instead of the other, so imports flow one way (``step_context`` impo
 - how many losses the fused path computed (:func:`count_fused_call`, :func:`fused_call_count`);
 - naming the positional arguments of a wrapped ``forward`` (:func:`as_keywords`);
 - where an LM head or a fused loss starts (:func:`note_head_input`), for observers the planner registers with
-  :func:`observe_head_inputs`.
+  :func:`observe_head_inputs`;
+- which tensors a technique creates in host memory during the step (inside :func:`host_allocations`: the sequence
+  methods' offloaded block inputs), for observers registered with :func:`observe_host_allocations` (the memory
+  tracker counts them as host, not device, bytes).
 """
 
 from __future__ import annotations
@@ -156,6 +159,34 @@ def observe_head_inputs(observer: Callable[[Any], None]) -> Iterator[None]:
         _HEAD_OBSERVERS.remove(observer)
 
 
+_HOST_OBSERVERS: list[Callable[[bool], None]] = []
+
+
+@contextlib.contextmanager
+def host_allocations() -> Iterator[None]:
+    """Tensors created inside are host memory a technique keeps for the step (an offloaded copy): each observer
+    registered with :func:`observe_host_allocations` is called with True on entry and False on exit (the memory
+    tracker files what is created between as host bytes). Does nothing when there is no observer."""
+    for observer in list(_HOST_OBSERVERS):
+        observer(True)
+    try:
+        yield
+    finally:
+        for observer in list(_HOST_OBSERVERS):
+            observer(False)
+
+
+@contextlib.contextmanager
+def observe_host_allocations(observer: Callable[[bool], None]) -> Iterator[None]:
+    """Register ``observer`` for :func:`host_allocations` inside the block (process-wide, as
+    :func:`observe_head_inputs`)."""
+    _HOST_OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _HOST_OBSERVERS.remove(observer)
+
+
 __all__ = [
     "SequenceLoss",
     "active_cross_entropy",
@@ -165,7 +196,9 @@ __all__ = [
     "fused_call_count",
     "innermost_forward",
     "note_head_input",
+    "host_allocations",
     "observe_head_inputs",
+    "observe_host_allocations",
     "use_cross_entropy",
     "use_sequence_runtime",
 ]

@@ -24,6 +24,7 @@ from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
@@ -43,6 +44,7 @@ from lightning_memkit.config import (
 )
 from lightning_memkit.checkpoint_io import AtomicCheckpointIO, complete_epoch_end, unreadable_checkpoint
 from lightning_memkit.optim.state import check_torch_optimizer_state
+from lightning_memkit.optim.zo_technique import is_forward_only
 from lightning_memkit.resume import CHECKPOINT_KEY, check_resume, describe_family, keep_weights_only, parse_resume, \
     settings_record
 from lightning_memkit.models.quantized import keep_4bit_trainable
@@ -393,6 +395,33 @@ class MemKitStrategy(DDPStrategy, metaclass=_ChooseBackend):
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         with self._step_context():
             return super().test_step(*args, **kwargs)
+
+    # ----- forward-only (zeroth-order) steps: no backward; the optimizer calls the closure itself -----------
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """As Lightning's, except that with a forward-only optimizer (zeroth-order training) nothing runs: the loss
+        has no graph (``training_step`` ran under ``torch.no_grad()``) and there is nothing to differentiate."""
+        if self.technique_set.forward_only:
+            return closure_loss
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        """As Lightning's, except for a forward-only optimizer (zeroth-order training): the
+        ``on_before_optimizer_step`` hooks run once, then ``optimizer.step(closure)`` evaluates ``training_step``
+        at the perturbed weights (two closure calls per perturbation) and updates. The precision plugin's step is
+        left out: its gradient scaler and clipping have no gradients. The step's output loss (``outputs["loss"]``
+        of ``on_train_batch_end``) becomes the mean of the losses the step evaluated."""
+        if not (self.technique_set.forward_only and is_forward_only(optimizer)):
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        trainer = self.lightning_module.trainer
+        call._call_callback_hooks(trainer, "on_before_optimizer_step", optimizer)
+        call._call_lightning_module_hook(trainer, "on_before_optimizer_step", optimizer)
+        loss = optimizer.step(closure=closure, **kwargs)
+        result = getattr(closure, "_result", None)  # Lightning's Closure: the last evaluation's ClosureResult
+        if loss is not None and getattr(result, "loss", None) is not None:
+            result.loss = loss.to(device=result.loss.device, dtype=result.loss.dtype)
+        return loss
 
     @override
     def teardown(self) -> None:

@@ -22,10 +22,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from torch import nn
 
 from lightning_memkit.activations.checkpoint import CheckpointTechnique
-from lightning_memkit.activations.technique import SavedTensorsTechnique
-from lightning_memkit.config import ActivationsConfig, CrossEntropyConfig, OptimizerConfig, SequenceConfig
+from lightning_memkit.activations.technique import saved_activation_techniques
+from lightning_memkit.config import ZEROTH_ORDER_OPTIMIZERS, ActivationsConfig, CrossEntropyConfig, OptimizerConfig, \
+    SequenceConfig
 from lightning_memkit.loss.technique import FusedCrossEntropyTechnique
 from lightning_memkit.optim.technique import OptimizerTechnique
+from lightning_memkit.optim.zo_technique import ZerothOrderTechnique
 from lightning_memkit.sequence.technique import SequenceTechnique
 from lightning_memkit.technique import Technique
 
@@ -45,13 +47,15 @@ class TechniqueSet:
         techniques: list[Technique] = []
         if activations.checkpoint != "none":
             techniques.append(CheckpointTechnique(activations))
-        if activations.compress != "none" or activations.offload:
-            techniques.append(SavedTensorsTechnique(activations))  # after checkpointing: skips checkpointed blocks
+        # WTA-CRS, then compression / offload; after checkpointing: they skip checkpointed blocks
+        techniques.extend(saved_activation_techniques(activations))
         if cross_entropy.fused:
             techniques.append(FusedCrossEntropyTechnique(cross_entropy))
         if sequence.enabled:  # after the fused loss: its Hugging Face forward wraps the fused one
             techniques.append(SequenceTechnique(sequence, step_in_backward=optimizer.enabled and optimizer.in_backward))
-        if optimizer.enabled:
+        if optimizer.enabled and optimizer.name in ZEROTH_ORDER_OPTIMIZERS:  # forward only: refuses a sequence method
+            techniques.append(ZerothOrderTechnique(optimizer, sequence))
+        elif optimizer.enabled:
             techniques.append(OptimizerTechnique(optimizer))
         return cls(techniques)
 
@@ -66,6 +70,11 @@ class TechniqueSet:
 
     def describe(self) -> str:
         return "; ".join(t.describe() for t in self.techniques)
+
+    @property
+    def forward_only(self) -> bool:
+        """True when the step runs forward only (zeroth-order training): no backward pass, no gradients."""
+        return any(getattr(t, "forward_only", False) for t in self.techniques)
 
     @property
     def installed_on(self) -> Optional[nn.Module]:

@@ -162,6 +162,38 @@ def test_optimizers_that_are_not_elementwise_are_refused_under_zero():
         check_elementwise(Lamb(params), 2)
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("name", ["zo_sgd", "zo_adam"])
+def test_zeroth_order_optimizers_are_refused_under_zero_when_the_strategy_is_built(name, stage):
+    """A ZO step calls the loss closure, which DeepSpeed's engine never passes: refused at construction, with the
+    zeroth-order reason (not the low-rank one) and the fix."""
+    from lightning_memkit.config import parse_activations, parse_cross_entropy, parse_optimizer, parse_sequence
+    from lightning_memkit.zero.rules import check_compatibility
+
+    zero = parse_zero(stage, None, None, None, True, None)
+    with pytest.raises(MemKitConfigError) as err:
+        check_compatibility(zero, parse_activations(None), parse_cross_entropy(None), parse_optimizer(name),
+                            parse_sequence(None))
+    message = str(err.value)
+    assert message.startswith(f"optimizer={name!r} cannot run under zero_stage={stage}: a zeroth-order step")
+    assert "Fix: zero_stage=0" in message and "low-rank" not in message
+    assert ("ZeRO-3 partitions the parameters" in message) == (stage == 3)
+    with pytest.raises(MemKitConfigError, match=rf"optimizer={name!r} cannot run under zero_stage={stage}: a "
+                                                "zeroth-order step"):
+        MemKitStrategy(zero_stage=stage, optimizer=name)
+
+
+@pytest.mark.parametrize("name", ["spam", "sgd_sai"])
+def test_per_tensor_optimizers_are_refused_under_zero_with_their_own_reason(name):
+    from lightning_memkit.config import parse_activations, parse_cross_entropy, parse_optimizer, parse_sequence
+    from lightning_memkit.zero.rules import check_compatibility
+
+    with pytest.raises(MemKitConfigError, match=rf"optimizer={name!r} cannot run under zero_stage=2: it keeps "
+                                                r"per-tensor quantities .*Fix: zero_stage=0"):
+        check_compatibility(parse_zero(2, None, None, None, True, None), parse_activations(None),
+                            parse_cross_entropy(None), parse_optimizer(name), parse_sequence(None))
+
+
 def test_cpu_adam_conversion_keeps_every_group_setting():
     """torch Adam (L2 decay) and AdamW (decoupled), two groups each with their own lr and decay: DeepSpeedCPUAdam
     steps the same weights (its op is JIT-built on first use, then cached)."""

@@ -212,3 +212,10 @@ def _turn_off_kv_cache(module: nn.Module, checkpointed: Sequence[nn.Module]) -> 
             changed.append((config, config.use_cache))
             config.use_cache = False
     return changed
+
+
+def hf_checkpointed(module: nn.Module) -> bool:
+    """A Hugging Face decoder layer whose model has ``gradient_checkpointing_enable()`` in force
+    (transformers' ``GradientCheckpointingLayer`` with ``gradient_checkpointing`` set)."""
+    return getattr(module, "gradient_checkpointing", False) is True and any(
+        c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)

@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_memkit.activations.checkpoint import is_checkpointed
+from lightning_memkit.activations.checkpoint import hf_checkpointed, is_checkpointed
+from lightning_memkit.activations.sampled import SampledBackwardTechnique
 from lightning_memkit.activations.saved import SavedTensors, install, uninstall
 from lightning_memkit.config import ActivationsConfig, MemKitConfigError
 from lightning_memkit.models.interface import find_blocks
@@ -76,9 +77,9 @@ class SavedTensorsTechnique(Technique):
         checkpointed = [n for n, m in module.named_modules() if is_checkpointed(m)]
         # a Hugging Face model's own gradient checkpointing (gradient_checkpointing_enable(), which PEFT's
         # prepare_model_for_kbit_training calls by default): its blocks save only their inputs too
-        hf_checkpointed = [n for n, m in module.named_modules() if _hf_checkpointed(m)]
-        self._hf_checkpointing = bool(hf_checkpointed)
-        checkpointed += hf_checkpointed
+        hf_layers = [n for n, m in module.named_modules() if hf_checkpointed(m)]
+        self._hf_checkpointing = bool(hf_layers)
+        checkpointed += hf_layers
 
         def inside(name: str) -> bool:  # a checkpointed block saves only its inputs: nothing inside it to compress
             return any(name == c or name.startswith(c + ".") for c in checkpointed)
@@ -140,8 +141,17 @@ class SavedTensorsTechnique(Technique):
         self._changed = []
 
 
-def _hf_checkpointed(module: nn.Module) -> bool:
-    """A Hugging Face decoder layer whose model has ``gradient_checkpointing_enable()`` in force
-    (transformers' ``GradientCheckpointingLayer`` with ``gradient_checkpointing`` set)."""
-    return getattr(module, "gradient_checkpointing", False) is True and any(
-        c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
+def saved_activation_techniques(config: ActivationsConfig) -> list[Technique]:
+    """The techniques that act on what chosen modules save, in their install order.
+
+    WTA-CRS (``config.sampled_backward``, when set) comes first, so that the
+    compression / offload hooks installed after it (around the blocks, and for fp8 around each linear layer,
+    outside the sampling wrapper) see the sampled rows it saves and compress those. Then compression / offload
+    when ``compress`` or ``offload`` is set, exactly as before.
+    """
+    techniques: list[Technique] = []
+    if config.sampled_backward is not None:
+        techniques.append(SampledBackwardTechnique(config.sampled_backward))
+    if config.compress != "none" or config.offload:
+        techniques.append(SavedTensorsTechnique(config))
+    return techniques

@@ -105,6 +105,8 @@ class MemoryReport(Callback):
         rows.append(("peak (sum)", in_unit(report.peak, MIB), "100.0%"))
         if report.allocator_peak is not None:
             rows.append(("CUDA allocator peak", in_unit(report.allocator_peak, MIB), ""))
+        if report.host:
+            rows.append(("host memory (offloaded, not in the peak)", in_unit(report.host, MIB), ""))
         title = (
             f"MemoryReport: optimizer step {report.step} on {report.device}: tensors alive at the step's peak, "
             f"measured by {report.method}"

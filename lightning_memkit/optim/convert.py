@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_memkit.config import MemKitConfigError, OptimizerConfig, check_number
+from lightning_memkit.config import DENSE_ONLY_OPTIMIZERS, MemKitConfigError, OptimizerConfig, check_number
 from lightning_memkit.optim import OPTIMIZER_CLASSES
 from lightning_memkit.optim.eight_bit import BNB_OPTIMIZERS, bnb_optimizer
 
@@ -200,7 +200,7 @@ def convert_optimizer(optimizer: torch.optim.Optimizer, config: OptimizerConfig,
         raise MemKitConfigError(f"optimizer={config.name!r} has no optimizer class; use one of "
                                 f"{sorted([*OPTIMIZER_CLASSES, *BNB_OPTIMIZERS])}.")
     kwargs = config.optimizer_kwargs()
-    if config.name != "adamw":
+    if config.name not in DENSE_ONLY_OPTIMIZERS:
         kwargs["lowrank_params"] = [p for p in lowrank if p in params and p.requires_grad]  # frozen: no step
     all_names = {**(names or {}), **lowrank}
     try:

@@ -10,8 +10,9 @@ SVD basis; ``"random"``: the Q factor of a seeded Gaussian draw), remade every `
 
 When the basis changes the Adam moments are reset (``reset_on_refresh=True``, the default: moments
 in the old coordinates mean nothing in the new ones); set it False to keep them as GaLore does.
-Dense parameters (embeddings, norms, the head) use AdamW, as in the paper. The update needs the full
-gradient, so step-in-backward cannot accumulate it projected.
+Dense parameters (embeddings, norms, the head) use AdamW, as in the paper. The projected side is the
+authors' code's ``proj_side="std"`` (the left when m < n, else the right: square weights on the right).
+The update needs the full gradient, so step-in-backward cannot accumulate it projected.
 """
 
 from __future__ import annotations

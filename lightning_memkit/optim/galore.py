@@ -8,6 +8,11 @@ kept across refreshes as in the paper), and W ← W − lr·scale·(P N). Dense 
 
 The update depends on G only through R, so step-in-backward can accumulate R over micro-batches
 (r x n instead of m x n): :attr:`accumulates_projected` is True.
+
+Against galore-torch 1.0 (``proj_type="std"``): the same side (square weights on the right), basis, refresh
+steps and update, with two documented differences: ε is added after bias correction, as torch's AdamW does
+(the reference adds it before, i.e. ε/√(1 − β₂ᵗ) in bias-corrected terms: larger in the first steps), and
+weight decay is applied before the update (the reference: after it, a difference of order lr·wd).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ optimizer's own per-parameter update, so parameters equal the ordinary step's bi
 
 Gradient accumulation: a backward pass that runs *outside* ``step`` is an accumulation micro-batch
 (Lightning runs the first k−1 micro-batches of a window so). Low-rank weights of optimizers that
-step from the projected gradient (GaLore) accumulate R = Pᵀ G (r x n instead of m x n) and free G;
+step from the projected gradient (GaLore, Natural GaLore) accumulate R = Pᵀ G (r x n instead of m x n) and free G;
 the projection is linear, so Σ Pᵀ G_k = Pᵀ Σ G_k while P stays fixed within the window (a refresh
 due at this step uses the window's first micro-batch's gradient). Dense parameters accumulate in
 ``.grad`` as usual. ``step()`` then applies whatever was accumulated and not yet applied, so plain
@@ -17,7 +17,7 @@ due at this step uses the window's first micro-batch's gradient). Dense paramete
 What cannot work, and is refused by the strategy at setup: clipping by global norm (the norm needs
 every gradient before the first update), fp16 with a GradScaler (it unscales gradients after the
 backward), multi-process DDP (gradients are averaged after the hooks run), and accumulation with an
-optimizer whose update needs the full gradient (APOLLO, FRUGAL, AdamW) -- see
+optimizer whose update needs the full gradient (AdamW, APOLLO, FRUGAL, SPAM, SGD-SaI, COSMOS) -- see
 :func:`incompatibility`.
 """
 
@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from lightning_memkit.config import IN_BACKWARD_OPTIMIZERS
 from lightning_memkit.optim.base import MemKitOptimizer
 
 
@@ -39,11 +40,17 @@ class StepInBackward(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer: MemKitOptimizer) -> None:
+        if getattr(optimizer, "forward_only", False):
+            raise TypeError(
+                f"step-in-backward drives an optimizer from gradient hooks; {type(optimizer).__name__} is "
+                "zeroth-order: it runs no backward pass and no hook would fire. Fix: step it with "
+                f"optimizer.step(closure), or use one of {', '.join(IN_BACKWARD_OPTIMIZERS)}."
+            )
         if not isinstance(optimizer, MemKitOptimizer):
             raise TypeError(
                 f"step-in-backward drives memkit optimizers one parameter at a time; got {type(optimizer).__name__}. "
                 "Fix: use one of memkit's optimizers "
-                "(adamw, galore_adamw, galore_adamw8bit, apollo, apollo_mini, frugal)."
+                f"({', '.join(IN_BACKWARD_OPTIMIZERS)})."
             )
         super().__init__([{"params": [p for g in optimizer.param_groups for p in g["params"]]}], optimizer.defaults)
         self.optimizer = optimizer
@@ -113,6 +120,9 @@ class StepInBackward(torch.optim.Optimizer):
                 if p.grad is not None:
                     opt.update_param(p, p.grad)
                     p.grad = None
+        finish = getattr(opt, "finish_backward_step", None)
+        if finish is not None:  # an optimizer whose step needs every gradient of the step first (SGD-SaI's
+            finish()            # first step: the maximum gSNR); it deferred those updates until now
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._pending.clear()
@@ -159,7 +169,17 @@ def incompatibility(optimizer_name: str, accumulates_projected: bool, *, accumul
         return (f"accumulate_grad_batches={accumulate_grad_batches} with optimizer {optimizer_name!r}: "
                 "its update needs the "
                 "full accumulated gradient, so every full gradient would be kept across micro-batches -- the memory "
-                "step-in-backward exists to save. Fix: use galore_adamw / galore_adamw8bit (which accumulate the r x n "
-                "projected gradient), or accumulate_grad_batches=1 with a larger batch, "
+                f"step-in-backward exists to save. Fix: use {' / '.join(projected_accumulators())} (which accumulate "
+                "the r x n projected gradient), or accumulate_grad_batches=1 with a larger batch, "
                 "or optimizer.in_backward=false.")
     return None
+
+
+def projected_accumulators() -> list[str]:
+    """Names of the optimizers whose step in backward accumulates the projected gradient over micro-batches
+    (``accumulates_projected``: GaLore and Natural GaLore, 8-bit variants included); every other in-backward
+    optimizer (AdamW, APOLLO, FRUGAL, SPAM, SGD-SaI, COSMOS) needs the full gradient."""
+    from lightning_memkit.optim import OPTIMIZER_CLASSES
+
+    return [name for name in IN_BACKWARD_OPTIMIZERS
+            if getattr(OPTIMIZER_CLASSES.get(name), "accumulates_projected", False)]

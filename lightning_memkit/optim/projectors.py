@@ -5,8 +5,11 @@ everything needed to continue (the SVD basis, the seed, the refresh counter) is 
 ``optimizer.state_dict()`` and loads with ``torch.load(..., weights_only=True)``.
 
 Side: for a gradient G of shape (m, n) the smaller dimension is projected away, so the projected
-gradient R has shape (r, n) when m <= n ("left": R = Pᵀ G with P (m, r)) and (m, r) otherwise
-("right": R = G P with P (n, r)). The optimizer state is then r x max(m, n).
+gradient R has shape (r, n) when m < n ("left": R = Pᵀ G with P (m, r)) and (m, r) when m >= n
+("right": R = G P with P (n, r)). The optimizer state is then r x max(m, n). A square weight
+(Llama's q/o projections) is projected on the right, as galore-torch 1.0 and apollo-torch 1.0.3
+(``proj_type="std"``) and FRUGAL's code (``proj_side="std"``) do; the side a projector starts with
+is kept in its state, so a run resumed from an older checkpoint keeps the side it was saved with.
 
 - :class:`SVDProjector` (GaLore, FRUGAL "svd"): P is the top-r singular vectors of the gradient,
   recomputed every ``update_gap`` steps. The SVD is made robust: a failed or non-finite
@@ -33,9 +36,10 @@ SIDES = ("left", "right")
 
 
 def choose_side(shape: tuple[int, ...]) -> str:
-    """``"left"`` (project the rows away) when m <= n, else ``"right"``."""
+    """``"left"`` (project the rows away) when m < n, else ``"right"`` (square weights included, as the
+    reference implementations do)."""
     m, n = shape
-    return "left" if m <= n else "right"
+    return "left" if m < n else "right"
 
 
 def check_rank(name: str, shape: tuple[int, ...], rank: int) -> None:

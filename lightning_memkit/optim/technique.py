@@ -7,13 +7,22 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_memkit.config import MemKitConfigError, OptimizerConfig
+from lightning_memkit.config import DENSE_ONLY_OPTIMIZERS, OPTIMIZER_KEYS, MemKitConfigError, OptimizerConfig
+from lightning_memkit.optim.convert import convert_optimizer, lora_weights, select_lowrank
+from lightning_memkit.optim import OPTIMIZER_CLASSES
+from lightning_memkit.optim.in_backward import StepInBackward, incompatibility
 from lightning_memkit.technique import Technique
 
 #: optimizers that keep 8-bit states through bitsandbytes
 EIGHT_BIT_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "galore_adamw8bit")
-#: optimizers without a low-rank rule (every parameter dense)
-_DENSE_ONLY = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+def has_special_weights(config: OptimizerConfig) -> bool:
+    """Whether ``config``'s optimizer gives chosen 2-D weights their own rule (low rank; SPAM with density < 1:
+    sparse momentum), so that ``target_modules`` picks them."""
+    if config.name in DENSE_ONLY_OPTIMIZERS:
+        return False
+    return config.name != "spam" or (config.density is not None and config.density < 1)
 
 
 class OptimizerTechnique(Technique):
@@ -45,9 +54,9 @@ class OptimizerTechnique(Technique):
         text = f"optimizer {self.config.name}: {self._trainable} trainable tensors"
         if self._frozen:
             text += f" ({self._frozen} frozen left out)"
-        if self.config.name not in _DENSE_ONLY:
+        if has_special_weights(self.config):
             lowrank = len(self._lowrank) if self._held_lowrank is None else self._held_lowrank
-            text += f", {lowrank} low-rank"
+            text += f", {lowrank} " + ("sparse-momentum" if self.config.name == "spam" else "low-rank")
             if self._lora:
                 text += (f"; {len(self._lora)} LoRA factors (lora_A/lora_B) are low-rank already and are updated by "
                          "AdamW (name them in optimizer.target_modules to change that)")
@@ -59,8 +68,6 @@ class OptimizerTechnique(Technique):
     def default_rank(self) -> int:
         """The optimizer class's own default rank (used when ``optimizer.rank`` is unset)."""
         import inspect
-
-        from lightning_memkit.optim import OPTIMIZER_CLASSES
 
         for cls in OPTIMIZER_CLASSES[self.config.name].__mro__:  # APOLLO-Mini sets only what differs from APOLLO
             param = inspect.signature(cls.__init__).parameters.get("rank") if "__init__" in vars(cls) else None
@@ -79,10 +86,10 @@ class OptimizerTechnique(Technique):
                                         f"{self.config.name.replace('8bit', '').replace('paged_', '')!r}).") from err
         if not self.config.in_backward:
             return
-        from lightning_memkit.optim import OPTIMIZER_CLASSES
-        from lightning_memkit.optim.in_backward import incompatibility
-
-        cls = OPTIMIZER_CLASSES[self.config.name]
+        cls = OPTIMIZER_CLASSES.get(self.config.name)
+        if cls is None:
+            raise MemKitConfigError(f"optimizer {self.config.name!r} is not available in this version. Fix: choose one "
+                                    f"of {sorted(OPTIMIZER_CLASSES)}.")
         precision = str(getattr(trainer.precision_plugin, "precision", trainer.precision))
         reason = incompatibility(
             self.config.name, cls.accumulates_projected, accumulate_grad_batches=trainer.accumulate_grad_batches,
@@ -99,23 +106,19 @@ class OptimizerTechnique(Technique):
             )
 
     def setup_module(self, module: nn.Module) -> None:
-        from lightning_memkit.optim.convert import lora_weights, select_lowrank
-
         self._names = {p: n for n, p in module.named_parameters()}
         self._trainable = sum(p.requires_grad for p in self._names)
         self._frozen = len(self._names) - self._trainable
         self._held_lowrank = None
-        if self.config.name not in _DENSE_ONLY:
+        if has_special_weights(self.config):
             self._lowrank = select_lowrank(module, self.config.target_modules)
             self._lora = {p: n for p, n in lora_weights(module).items() if p not in self._lowrank}
-            if self.config.rank is None:  # the default rank is lowered to fit each narrower weight (see DefaultRank)
+            # the default rank is lowered to fit each narrower weight (see DefaultRank)
+            if self.config.rank is None and "rank" in OPTIMIZER_KEYS[self.config.name]:
                 default = self.default_rank()
                 self._lowered = [min(p.shape) for p in self._lowrank if p.ndim == 2 and min(p.shape) < default]
 
     def setup_optimizers(self, optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
-        from lightning_memkit.optim.convert import convert_optimizer
-        from lightning_memkit.optim.in_backward import StepInBackward
-
         if not optimizers:
             raise MemKitConfigError("optimizer: configure_optimizers returned no optimizer to convert.")
         new = []

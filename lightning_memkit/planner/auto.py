@@ -152,4 +152,8 @@ def choose_for_module(module: Any, trainer: Any, budget: Any, *, base: Setting, 
         from lightning.pytorch.utilities import rank_zero_warn
 
         rank_zero_warn(f"memkit memory_budget: {caveat}.")
+    if row.candidate.note:  # e.g. SGD-SaI's learning rate, ZO-SGD's convergence: before the first step
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"memkit memory_budget chose '{row.candidate.name}': {row.candidate.note}.")
     return row, rows, limit, how

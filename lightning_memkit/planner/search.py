@@ -48,6 +48,21 @@ OVERHEAD: dict[str, tuple[float, str]] = {
     "adamw8bit": (1.02, "estimate: the optimizer step is a few percent of a full-size step"),
     "apollo_mini": (1.03, "estimate: the optimizer step is a few percent of a full-size step"),
     "galore_adamw8bit": (1.05, "estimate: as APOLLO plus an SVD per weight every 200 steps"),
+    "spam": (1.03, "estimate: the optimizer step is a few percent of a full-size step (SPAM's CPU step, 44.8M "
+             "parameters: 87 ms dense, 96 ms at density 0.25, against 84 ms for memkit's AdamW)"),
+    "natural_galore8bit": (1.06, "estimate: GaLore-8bit's plus a 10 x 10 solve and a history update per weight and "
+                           "step (CPU, 1024 x 1024: 0.21 s against GaLore's 0.06 s and AdamW's 0.10 s)"),
+    "sgd_sai": (1.06, "estimate: its step is cheaper than AdamW's (CPU, 44.8M parameters: 53 against 84 ms), but "
+                "it needs ~100-200x AdamW's learning rate, which the candidate does not change, and it trailed "
+                "AdamW by 0.11 in validation loss after 30 steps with a tuned rate: ranked after the Adam-like "
+                "optimizers"),
+    "cosmos": (1.50, "estimate (only for a recipe that sets it; not a candidate): a Newton-Schulz orthogonalization "
+               "of every weight each step (CPU, 1024 x 1024: 2.4 s against AdamW's 0.10 s)"),
+    "zeroth_order": (20.0, "a ranking figure, not a measurement: a step is two forward passes (less than a "
+                     "forward + backward), but training needs far more steps (from scratch, 200 zo_sgd steps reached "
+                     "validation loss 4.99 where 30 AdamW steps reached 3.26); it ranks after every other candidate"),
+    "sampled_backward": (1.00, "measured on CPU: 0.92x the plain step (small model, 4 x 256 tokens, keep 0.3: the "
+                         "weight gradients' products run over 30% of the rows); 1.00 taken"),
     "zero2_offload": (1.50, "estimate (not measured here): the optimizer step runs on the CPU"),
     "zero3_offload": (2.00, "estimate (not measured here): parameters cross PCIe twice a step"),
     "zero3_offload_nvme": (3.00, "estimate (not measured here): NVMe bandwidth bounds the step"),
@@ -56,13 +71,19 @@ OVERHEAD: dict[str, tuple[float, str]] = {
 
 @dataclass(frozen=True)
 class Candidate:
-    """A named combination of techniques with its expected cost."""
+    """A named combination of techniques with its expected cost.
+
+    Attributes:
+        note: what the user should know before choosing it beyond its time factor and exactness (e.g. a learning
+            rate it needs); shown under ``memkit plan --compare`` and warned about when the auto mode picks it.
+    """
 
     name: str
     setting: Setting
     overhead: float
     exact: bool
     parts: tuple[str, ...] = ()
+    note: str = ""
 
 
 @dataclass
@@ -147,6 +168,9 @@ def format_comparison(rows: Sequence[Row], gpu_memory: Optional[int]) -> str:
     skipped = [r for r in rows if r.skipped]
     for r in skipped:
         text += f"\nnot applicable: {r.candidate.name}: {r.skipped}"
+    notes = dict.fromkeys(r.candidate.note for r in fit + rest if r.candidate.note)  # once each, in table order
+    for note in notes:
+        text += f"\nnote: {note}"
     return text
 
 
@@ -179,17 +203,58 @@ def plot(rows: Sequence[Row], path: str, gpu_memory: Optional[int] = None, title
 
 
 # ----- candidates -----------------------------------------------------------------------------------
-def _optimizer_options(allow_approximate: bool) -> list[tuple[str, Any, tuple[str, ...], bool]]:
-    opts = [("your optimizer", None, (), True), ("AdamW in backward", {"name": "adamw", "in_backward": True},
-                                                  ("adamw_in_backward",), True)]
+#: the memory options (see :func:`candidates`) by kind: "" is no activation technique (or the base's)
+_NO_MEMORY, _CHECKPOINT, _STREAMBP, _SAMPLED = "", "checkpointing", "streambp", "sampled"
+#: WTA-CRS as a candidate: keep 30% of the rows of every linear layer's input inside the transformer blocks
+SAMPLED_KEEP = 0.3
+
+SGD_SAI_NOTE = ("SGD-SaI needs its own learning rate, ~100-200x AdamW's (0.6 where AdamW used 3e-3 in the tests); "
+                "the candidate keeps the one configure_optimizers sets: raise it")
+ZO_NOTE = ("ZO-SGD (MeZO) runs two forward passes per step and no backward: no gradients, no activations kept, "
+           "so inference-level memory, but it converges far more slowly than backpropagation (its 20x time factor "
+           "is a ranking figure, not a measurement); meant for fine-tuning a pretrained model, with a learning rate "
+           "and perturbation size of its own")
+SAMPLED_NOTE = (f"WTA-CRS (activations.sampled_backward keep {SAMPLED_KEEP}) estimates the linear layers' weight "
+                "gradients from a sample of their input rows: unbiased, with more variance than the exact gradient")
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One optimizer option of :func:`candidates`: ``memory`` lists the memory-option kinds it is combined with
+    (None: every one)."""
+
+    label: str
+    setting: Any
+    parts: tuple[str, ...]
+    exact: bool
+    memory: Optional[tuple[str, ...]] = None
+    note: str = ""
+
+
+def _optimizer_options(allow_approximate: bool) -> list[_Option]:
+    opts = [_Option("your optimizer", None, (), True),
+            _Option("AdamW in backward", {"name": "adamw", "in_backward": True}, ("adamw_in_backward",), True)]
     if allow_approximate:
+        # the newer optimizers appear once each, with no activation technique (or the base's), to keep the number
+        # of rows, and so the plan's time, small: with checkpointing or StreamBP they would never be the cheapest
+        # row that fits, as APOLLO-Mini (SPAM's time factor, SGD-SaI's is higher) and GaLore-8bit (Natural
+        # GaLore-8bit's is higher) keep less state there
+        newer = (_NO_MEMORY,)
         opts += [
-            ("adamw8bit", "adamw8bit", ("adamw8bit",), False),
-            ("APOLLO-Mini in backward", {"name": "apollo_mini", "in_backward": True}, ("apollo_mini",), False),
-            ("GaLore-8bit in backward", {"name": "galore_adamw8bit", "in_backward": True}, ("galore_adamw8bit",),
-             False),
-            ("APOLLO-Mini (all weights) in backward",
-             {"name": "apollo_mini", "in_backward": True, "target_modules": ["*"]}, ("apollo_mini",), False),
+            _Option("adamw8bit", "adamw8bit", ("adamw8bit",), False),
+            _Option("APOLLO-Mini in backward", {"name": "apollo_mini", "in_backward": True}, ("apollo_mini",), False),
+            _Option("GaLore-8bit in backward", {"name": "galore_adamw8bit", "in_backward": True},
+                    ("galore_adamw8bit",), False),
+            _Option("APOLLO-Mini (all weights) in backward",
+                    {"name": "apollo_mini", "in_backward": True, "target_modules": ["*"]}, ("apollo_mini",), False),
+            _Option("SPAM (density 0.25) in backward", {"name": "spam", "density": 0.25, "in_backward": True},
+                    ("spam",), False, newer),
+            _Option("Natural GaLore-8bit in backward", {"name": "natural_galore8bit", "in_backward": True},
+                    ("natural_galore8bit",), False, newer),
+            _Option("SGD-SaI in backward", {"name": "sgd_sai", "in_backward": True}, ("sgd_sai",), False, newer,
+                    SGD_SAI_NOTE),
+            # the forward runs under no_grad: checkpointing and WTA-CRS change nothing, StreamBP is refused
+            _Option("ZO-SGD (forward only)", "zo_sgd", ("zeroth_order",), False, (_NO_MEMORY,), ZO_NOTE),
         ]
     return opts
 
@@ -199,23 +264,35 @@ def candidates(base: Setting, *, free: Iterable[str] = ("activations", "optimize
     """The combinations the planner tries, built on ``base`` (the families not in ``free`` keep its value).
 
     Activations: none, checkpointing every block, or StreamBP (chunks of ``min(2048, seq_len/4)``;
-    it keeps only block inputs itself). Optimizer: yours, AdamW stepped in backward (exact), and with
-    ``allow_approximate`` adamw8bit, APOLLO-Mini and GaLore-8bit (in backward). ``zero``: single-GPU
-    ZeRO-2/3 offload rows (your optimizer, checkpointing on or off).
+    it keeps only block inputs itself); with ``allow_approximate``, WTA-CRS (``sampled_backward`` keep
+    :data:`SAMPLED_KEEP`), with your optimizer and AdamW in backward only. Optimizer: yours, AdamW stepped in
+    backward (exact), and with ``allow_approximate`` adamw8bit, APOLLO-Mini, GaLore-8bit, SPAM (density 0.25),
+    Natural GaLore-8bit, SGD-SaI (in backward) and ZO-SGD (forward only); the last four with no activation
+    technique only. ``zero``: single-GPU ZeRO-2/3 offload rows (your optimizer, checkpointing on or off).
     """
     free = set(free)
     chunk = max(1, min(2048, seq_len // 4))
-    memory_options: list[tuple[str, Any, Any, tuple[str, ...]]] = [("", base.activations, base.sequence, ())]
+    # (kind, label, activations, sequence, parts, the optimizer labels it goes with (None: all), note)
+    memory_options: list[tuple[str, str, Any, Any, tuple[str, ...], Optional[tuple[str, ...]], str]] = [
+        (_NO_MEMORY, "", base.activations, base.sequence, (), None, "")]
     if "activations" in free or "sequence" in free:
         memory_options = []
-        acts = [("", None, ()), ("checkpointing", {"checkpoint": "blocks"}, ("checkpoint",))] if "activations" in free \
-            else [("", base.activations, ())]
-        for label, act, parts in acts:
-            memory_options.append((label, act, base.sequence if "sequence" not in free else None, parts))
+        seq0 = base.sequence if "sequence" not in free else None
+        if "activations" in free:
+            memory_options += [(_NO_MEMORY, "", None, seq0, (), None, ""),
+                               (_CHECKPOINT, "checkpointing", {"checkpoint": "blocks"}, seq0, ("checkpoint",), None,
+                                "")]
+        else:
+            memory_options.append((_NO_MEMORY, "", base.activations, seq0, (), None, ""))
         if "sequence" in free:
-            memory_options.append((f"StreamBP {chunk}", base.activations if "activations" not in free else None,
-                                   {"method": "streambp", "chunk_size": chunk}, ("streambp",)))
-    opt_options = _optimizer_options(allow_approximate) if "optimizer" in free else [("", base.optimizer, (), True)]
+            memory_options.append((_STREAMBP, f"StreamBP {chunk}", base.activations if "activations" not in free
+                                   else None, {"method": "streambp", "chunk_size": chunk}, ("streambp",), None, ""))
+        if "activations" in free and allow_approximate:
+            # without int8: int8 costs 1.76x, more than checkpointing (1.20x), which keeps less (only block inputs)
+            memory_options.append((_SAMPLED, f"WTA-CRS {SAMPLED_KEEP}", {"sampled_backward": SAMPLED_KEEP}, seq0,
+                                   ("sampled_backward",), ("", "your optimizer", "AdamW in backward"), SAMPLED_NOTE))
+    opt_options = _optimizer_options(allow_approximate) if "optimizer" in free else [
+        _Option("", base.optimizer, (), True)]
     # zero=True (memkit plan --compare): the rows below run on memkit's DDP backend and the ZeRO rows are added;
     # zero=False (the auto mode, whose backend is fixed): every row keeps the base's ZeRO settings and their cost
     if zero:
@@ -223,15 +300,20 @@ def candidates(base: Setting, *, free: Iterable[str] = ("activations", "optimize
     else:
         base_rows, zparts = base, _zero_parts(base)
     out: list[Candidate] = []
-    for mlabel, act, seq, mparts in memory_options:
-        for olabel, opt, oparts, oexact in opt_options:
-            setting = dataclasses.replace(base_rows, activations=act, sequence=seq, optimizer=opt)
+    for kind, mlabel, act, seq, mparts, with_optimizers, mnote in memory_options:
+        for o in opt_options:
+            if (o.memory is not None and kind not in o.memory) or (
+                    with_optimizers is not None and o.label not in with_optimizers):
+                continue
+            setting = dataclasses.replace(base_rows, activations=act, sequence=seq, optimizer=o.setting)
+            oexact = o.exact
             if "optimizer" not in free:
                 oexact = base.optimizer is None or _is_exact_optimizer(base.optimizer)
             exact = oexact and _exact_memory(act, seq)
-            parts = mparts + oparts + zparts
-            name = ", ".join(x for x in (mlabel, olabel) if x) or "as configured"
-            out.append(Candidate(name, setting, _overhead(parts), exact, parts))
+            parts = mparts + o.parts + zparts
+            name = ", ".join(x for x in (mlabel, o.label) if x) or "as configured"
+            note = "; ".join(n for n in (mnote, o.note) if n)
+            out.append(Candidate(name, setting, _overhead(parts), exact, parts, note))
     if zero:
         for zlabel, zargs, part in (("ZeRO-2 offload",
                                      dict(zero_stage=2, offload_optimizer="cpu", offload_parameters=None),
@@ -263,7 +345,8 @@ def _is_exact_optimizer(setting: Any) -> bool:
 def _exact_memory(activations: Any, sequence: Any) -> bool:
     """The activation and sequence settings leave the results unchanged (no 8-bit activations, no SpaCO)."""
     seq = parse_sequence(sequence)
-    return parse_activations(activations).compress == "none" and (not seq.enabled or seq.exact)
+    a = parse_activations(activations)
+    return a.compress == "none" and a.sampled_backward is None and (not seq.enabled or seq.exact)
 
 
 def _overhead(parts: Iterable[str]) -> float:
@@ -279,6 +362,12 @@ def _zero_parts(setting: Setting) -> tuple[str, ...]:
     return ("zero3_offload",) if setting.offload_parameters else ("zero2_offload",)
 
 
+#: the time factor (an :data:`OVERHEAD` key) of the newer optimizers when a recipe sets them
+_CONFIGURED_PARTS = {"spam": "spam", "sgd_sai": "sgd_sai", "natural_galore": "natural_galore8bit",
+                     "natural_galore8bit": "natural_galore8bit", "cosmos": "cosmos", "zo_sgd": "zeroth_order",
+                     "zo_adam": "zeroth_order"}
+
+
 def configured_candidate(setting: Setting) -> Candidate:
     """The recipe's own combination as a candidate (its overhead from the same table)."""
     a, ce, o, s = setting.parsed()
@@ -291,10 +380,15 @@ def configured_candidate(setting: Setting) -> Candidate:
         parts.append("plain_ce")
     if s.enabled and s.method == "streambp":
         parts.append("streambp")
+    if a.sampled_backward is not None:
+        parts.append("sampled_backward")
     if o.enabled and o.name in ("adamw8bit", "paged_adamw8bit", "apollo_mini", "galore_adamw8bit"):
         parts.append(o.name if o.name != "paged_adamw8bit" else "adamw8bit")
+    elif o.enabled and o.name in _CONFIGURED_PARTS:
+        parts.append(_CONFIGURED_PARTS[o.name])
     parts.extend(_zero_parts(setting))
-    exact = (o.name in ("none", "adamw")) and a.compress == "none" and not (s.enabled and not s.exact)
+    exact = (o.name in ("none", "adamw")) and a.compress == "none" and a.sampled_backward is None \
+        and not (s.enabled and not s.exact)
     return Candidate("as configured", setting, _overhead(parts), exact, tuple(parts))
 
 
@@ -324,7 +418,7 @@ def _zero_rows(runner: StepRunner, setting: Setting, result: StepResult, world_s
     notes = result.notes + [f"ZeRO-{setting.zero_stage}: model states from lightning_memkit.zero.zero_memory (16-bit "
                             "weights, fp32 master weights and AdamW states; DeepSpeed's buffers under 'buffers + "
                             "batch'); activations etc. at the forward/backward peak of the step without DeepSpeed"]
-    return dataclasses.replace(result, at_peak=at_peak, maximum=maximum, host=int(mem["host"]["total"]),
+    return dataclasses.replace(result, at_peak=at_peak, maximum=maximum, host=int(mem["host"]["total"]) + result.host,
                                nvme=int(mem["nvme"]["total"]), notes=notes)
 
 

@@ -27,9 +27,11 @@ from lightning_memkit.config import (
     parse_cross_entropy,
     parse_optimizer,
     parse_sequence,
+    planning,
 )
 from lightning_memkit.planner.tracker import DYNAMIC, CategoryTracker, storage_bytes, storage_ids
 from lightning_memkit.technique_set import TechniqueSet
+from lightning_memkit.units import human_bytes
 
 #: Categories of a planned step, in table order.
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "logits_loss", "temporaries", "other")
@@ -165,14 +167,19 @@ STAND_IN_NOTE = "this module reads tensor values in its step"
 
 _PLANNER_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+#: memkit's optimizers: their reads (a Cholesky's status, SGD-SaI's gradient SNR) are memkit's own, not the user's
+_OPTIM_DIR = os.path.join(os.path.dirname(_PLANNER_DIR), "optim")
 
 
 def _caller() -> str:
-    """``code`` at ``file:line`` of the innermost frame outside torch and the planner (the user's read)."""
+    """``code`` at ``file:line`` of the innermost frame outside torch and the planner (the user's read); a frame
+    in memkit's optimizers is returned as its absolute path (``_OPTIM_DIR/...``: not a read to report)."""
     for frame in reversed(traceback.extract_stack()):
         path = os.path.abspath(frame.filename)
         if path.startswith((_PLANNER_DIR, _TORCH_DIR)):
             continue
+        if path.startswith(_OPTIM_DIR + os.sep):
+            return path
         try:
             shown = os.path.relpath(path)
         except ValueError:  # another drive (Windows)
@@ -199,7 +206,9 @@ class StandInValues:
     def _stand_in(self, t: Tensor) -> Any:
         if len(self.reads) < 20:  # the places are for the caveat; a step reading in a loop need not walk its stack
             where = _caller()
-            if where not in self.reads:
+            # a read inside memkit's optimizers is not the module's: those branches only pick between paths of the
+            # same size (e.g. Natural GaLore's Cholesky or its eigendecomposition fallback on a 10 x 10 matrix)
+            if where not in self.reads and not where.startswith(_OPTIM_DIR):
                 self.reads.append(where)
         if t.dtype == torch.bool:
             return bool(STAND_IN)
@@ -283,6 +292,9 @@ class StepRunner:
     def warm_optimizer(optimizer: Any) -> None:
         """Create the optimizer state without a forward pass: one step on zero gradients (fake tensors)."""
         inner = getattr(optimizer, "optimizer", optimizer) if hasattr(optimizer, "remove_hooks") else optimizer
+        if getattr(inner, "forward_only", False):  # zeroth-order: no gradients to step on
+            inner.init_state()
+            return
         params = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -307,7 +319,8 @@ class StepRunner:
         module.zero_grad(set_to_none=True)
         capture_hooks: list[Any] = []
         try:
-            techniques.install(module, self.trainer)
+            with planning():  # set up for the recipe's machine (e.g. sequence.offload stays on), not this one
+                techniques.install(module, self.trainer)
             if capture:  # registered before the optimizer's own hooks: a step in backward consumes the gradients
                 names = {p: n for n, p in module.named_parameters()}
 
@@ -324,11 +337,12 @@ class StepRunner:
             except Exception as err:
                 raise StepError(f"configure_optimizers failed: {type(err).__name__}: {err}") from err
             self.last_optimizer = optimizer
-            if warm:
-                self.warm_optimizer(optimizer)
+            stand_in = StandInValues() if any(_is_fake(p) for p in module.parameters()) else None
+            if warm:  # an optimizer's first step may read values too (Natural GaLore's Cholesky status)
+                with stand_in if stand_in is not None else contextlib.nullcontext():
+                    self.warm_optimizer(optimizer)
             before = {n: p.detach().clone() for n, p in module.named_parameters()} if capture else {}
             tracker = CategoryTracker(module.parameters(), head_modules(module)) if measure else None
-            stand_in = StandInValues() if any(_is_fake(p) for p in module.parameters()) else None
             with contextlib.ExitStack() as stack:
                 stack.enter_context(_no_logging(module))
                 running = stack.enter_context(_RunningModule(module))
@@ -362,6 +376,12 @@ class StepRunner:
                     result.at_peak[key] = tracker.peak_by_category[key]
                     result.maximum[key] = tracker.max_by_category[key]
                 result.work_at_peak = dict(tracker.work_peak_by_category)
+                if tracker.host_peak:
+                    result.host += tracker.host_peak
+                    result.notes.append(
+                        f"host memory: {human_bytes(tracker.host_peak)} at most of what the techniques keep in host "
+                        f"memory during the step (sequence.offload's block inputs; {human_bytes(tracker.host_at_peak)} "
+                        "at the device peak), not in the device peak")
         finally:
             for hook in capture_hooks:
                 hook.remove()
@@ -387,7 +407,11 @@ class StepRunner:
               capture: bool) -> None:
         module = self.module
 
+        forward_only = techniques.forward_only  # zeroth-order: the optimizer calls this twice per perturbation
+
         def closure() -> Tensor:
+            if tracker is not None and forward_only:
+                tracker.phase = "forward"
             with contextlib.ExitStack() as stack:
                 if self.precision is not None:
                     stack.enter_context(self.precision.forward_context())
@@ -397,6 +421,10 @@ class StepRunner:
             if not isinstance(loss, Tensor):
                 raise MemKitConfigError(f"{type(module).__name__}.training_step returned {type(out).__name__}, not a "
                                         "loss tensor (or a dict with 'loss'): nothing to back-propagate.")
+            if forward_only:
+                if tracker is not None:
+                    tracker.begin_optimizer()  # the update between and after the forwards
+                return loss
             if tracker is not None:
                 tracker.begin_backward(loss)
             loss.backward()

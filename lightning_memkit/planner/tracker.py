@@ -15,7 +15,9 @@ is created, and keeps the counts at the moment of the step's peak:
 
 What existed before the step (parameters, buffers, optimizer state, the batch) is not counted unless
 handed to :meth:`CategoryTracker.count_existing` (then it is counted, under the category given, for as long
-as it lives): the planner adds it exactly from the objects instead. The phase (forward / backward / optimizer)
+as it lives): the planner adds it exactly from the objects instead. What a technique creates inside
+:func:`~lightning_memkit.step_context.host_allocations` (StreamBP's block inputs offloaded to host memory) is host
+memory: counted apart (:data:`HOST`), never in the device peak. The phase (forward / backward / optimizer)
 is set by the caller; with a sequence method, forward and backward interleave chunk by chunk inside the loss,
 so that work is filed under the forward's categories (the peak is exact; the split is not). In the ``"auto"``
 phase (a step the caller does not drive, such as a Lightning step seen from a callback) an operator that the
@@ -28,6 +30,7 @@ This is the package's one measurement of tensor memory: the planner, :class:`~li
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from functools import partial
 from typing import Any, Iterable, Optional
@@ -36,11 +39,15 @@ import torch
 from torch import Tensor, nn
 
 # the fused loss calls step_context.note_head_input (below the planner); an active tracker observes it
-from lightning_memkit.step_context import observe_head_inputs
+from lightning_memkit.step_context import observe_head_inputs, observe_host_allocations
 
 #: Categories of what the step creates, in table order.
 DYNAMIC = ("gradients", "activations", "logits_loss", "temporaries")
 
+
+#: Where storages created inside :func:`~lightning_memkit.step_context.host_allocations` are filed: host memory,
+#: outside every device category and total (:attr:`CategoryTracker.host_now`, ``host_peak``, ``host_at_peak``).
+HOST = "host"
 
 #: The phases :attr:`CategoryTracker.phase` takes ("auto": backward told apart by the autograd engine).
 PHASES = ("forward", "backward", "optimizer", "auto")
@@ -87,6 +94,8 @@ class CategoryTracker:
         now, peak_by_category: bytes per category now, and at the moment of the peak. ``current``: their sum.
         peak: the most bytes alive at once. ``max_by_category``: each category's own maximum.
         work_peak, work_peak_by_category: the same without gradients, over the forward and backward only.
+        host_now, host_peak: bytes of host memory (see :data:`HOST`) now, and the most at once;
+        host_at_peak: host bytes at the moment of the device peak.
     """
 
     def __init__(self, parameters: Iterable[Tensor] = (), heads: Iterable[nn.Module] = (), *, phase: str = "forward",
@@ -112,6 +121,8 @@ class CategoryTracker:
         self._heads = list(heads)
         self._hooks: list[Any] = []
         self._observing: Any = None
+        self.host_now = self.host_peak = self.host_at_peak = 0
+        self._host_depth = 0  # inside host_allocations()
 
     @property
     def current(self) -> int:
@@ -164,8 +175,21 @@ class CategoryTracker:
     # ----- bookkeeping ----------------------------------------------------------------------------
     def _release(self, key: int, _ref: Any) -> None:
         entry = self._refs.pop(key, None)
-        if entry is not None:
+        if entry is None:
+            return
+        if entry[2] == HOST:
+            self.host_now -= entry[1]
+        else:
             self.now[entry[2]] -= entry[1]
+
+    def _host_scope(self, entering: bool) -> None:
+        self._host_depth += 1 if entering else -1
+
+    def _count_host(self, st: Any) -> None:
+        key, nbytes = id(st), st.nbytes()
+        self._refs[key] = (weakref.ref(st, partial(self._release, key)), nbytes, HOST)
+        self.host_now += nbytes
+        self.host_peak = max(self.host_peak, self.host_now)
 
     def _forget(self, key: int, _ref: Any) -> None:
         self._before.pop(key, None)
@@ -190,6 +214,7 @@ class CategoryTracker:
         if total > self.peak:
             self.peak = total
             self.peak_by_category = dict(self.now)
+            self.host_at_peak = self.host_now
         work = total - self.now["gradients"]
         if self.phase != "optimizer" and work > self.work_peak:
             self.work_peak = work
@@ -200,6 +225,9 @@ class CategoryTracker:
         for st in _storages(t):
             key = id(st)
             if key in self._refs or key in self._before:
+                continue
+            if self._host_depth:
+                self._count_host(st)
                 continue
             category = category or self._category()
             self._add_category(category)
@@ -230,7 +258,7 @@ class CategoryTracker:
                 continue
             for st in _storages(t):
                 entry = self._refs.get(id(st))
-                if entry is not None and entry[2] != category:
+                if entry is not None and entry[2] not in (category, HOST):
                     self.now[entry[2]] -= entry[1]
                     self.now[category] += entry[1]
                     self._refs[id(st)] = (entry[0], entry[1], category)
@@ -263,8 +291,9 @@ class CategoryTracker:
                         for h in self._heads]
         self._mode = _Mode()
         self._mode.__enter__()
-        self._observing = observe_head_inputs(self.head_started)
-        self._observing.__enter__()
+        self._observing = contextlib.ExitStack()
+        self._observing.enter_context(observe_head_inputs(self.head_started))
+        self._observing.enter_context(observe_host_allocations(self._host_scope))
         return self
 
     def add_gradients(self, parameters: Iterable[Tensor]) -> None:
@@ -276,7 +305,8 @@ class CategoryTracker:
                 self._to_gradients(p)
 
     def __exit__(self, *exc: object) -> None:
-        self._observing.__exit__(None, None, None)
+        self._observing.close()
+        self._host_depth = 0
         self._mode.__exit__(*exc)
         for h in self._hooks:
             h.remove()

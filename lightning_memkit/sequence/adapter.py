@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_memkit._tensors import is_symbolic
 from lightning_memkit.config import MemKitConfigError
 from lightning_memkit.models.families import (
     HF_FAMILIES,
@@ -38,6 +39,13 @@ from lightning_memkit.models.families import (
     SequenceLayout,
     hf_family,
     is_hf_language_model,
+)
+from lightning_memkit.sequence.attention import (
+    LowerRight,
+    attention_backend,
+    chunked_attention,
+    prefers_chunked,
+    uses_chunked,
 )
 
 
@@ -473,19 +481,18 @@ def causal_bias(c: int, e: int, like: Tensor) -> Any:
     None when ``c == e`` (plain causal). On CUDA a lower-right ``CausalBias`` (nothing materialized: SDPA's
     flash/efficient kernels or memkit's chunked kernel run it); elsewhere, inside
     :func:`~lightning_memkit.sequence.attention.chunked_attention_above` for a chunk above its size, a
-    :class:`~lightning_memkit.sequence.attention.LowerRight` marker (memkit's chunked kernel); otherwise an
+    :class:`~lightning_memkit.sequence.attention.LowerRight` marker (memkit's chunked kernel; on fake tensors, the
+    planner's step, the marker too: the plan is for a GPU, which builds no mask); otherwise an
     additive (c, e) mask in ``like``'s dtype, made once per chunk and shared by every layer (so a graph through all
     layers saves it once).
     """
-    from lightning_memkit.sequence.attention import LowerRight, prefers_chunked
-
     if c == e:
         return None
     if like.device.type == "cuda":
         from torch.nn.attention.bias import causal_lower_right
 
         return causal_lower_right(c, e)
-    if prefers_chunked(c, e):
+    if prefers_chunked(c, e) or is_symbolic(like):  # a plan is for a GPU, whose kernels take the bias mask-free
         return LowerRight(c, e)
     device = like.device.type
     # the queries' dtype: autocast's when it is on (the projections run under it), else the hidden states'
@@ -510,8 +517,11 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, bias: Any, scale: Optional[
     given to :func:`~lightning_memkit.sequence.attention.chunked_attention_above`; other chunks keep SDPA (off
     CUDA with an explicit mask, which PyTorch's blocked CPU kernel reads) or the eager softcapped formula.
     """
-    from lightning_memkit.sequence.attention import attention_backend, chunked_attention, uses_chunked
-
+    if isinstance(bias, LowerRight) and is_symbolic(q) and softcap is None:
+        # a planned step (fake tensors: no values) counts what a GPU runs for a lower-right bias: SDPA's fused
+        # kernel, no (c, e) mask, nothing but the output and its softmax statistics kept
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1],
+                                              scale=scale)
     # memkit's kernel only ever takes chunks above the threshold: smaller ones (most, in every layer of every
     # chunk) go straight to SDPA without asking SDPA's dispatcher
     if uses_chunked(q.shape[-2], k.shape[-2]) and attention_backend(q, k, v, bias, scale, softcap) == "memkit-chunked":

@@ -69,7 +69,7 @@ def chunked_attention_above(pairs: int) -> Iterator[None]:
 
 def _fake(t: Tensor) -> bool:
     """A fake tensor (the planner's step): SDPA's dispatcher answers "math" for it whatever the real device would
-    run, so the dispatch keeps SDPA, as on the real device."""
+    run, so the dispatch keeps SDPA, as on the real device (a lower-right bias: SDPA's fused kernel, as on a GPU)."""
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(t)
@@ -123,7 +123,8 @@ def attention_backend(q: Tensor, k: Tensor, v: Tensor, bias: Any = None, scale: 
     """
     c, e = q.shape[-2], k.shape[-2]
     if isinstance(bias, LowerRight):  # nothing materialized to hand to SDPA
-        return "memkit-chunked"
+        # a planned step (fake tensors) runs SDPA's fused kernel, as a GPU does for a lower-right bias
+        return "flash" if _fake(q) and softcap is None else "memkit-chunked"
     if softcap is not None:
         return "memkit-chunked" if uses_chunked(c, e) else "eager"
     gqa = q.shape[1] != k.shape[1]

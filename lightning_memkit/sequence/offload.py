@@ -12,7 +12,9 @@ stays where it is (on the device). With ``offload=True`` it goes to host memory 
   memory); it runs the mechanics and the byte counts that the tests check.
 
 Copies are exact, so a method's gradients are the same bit for bit with and without offload. The store
-counts the bytes it holds in each pool (``"device"``, ``"host"``), current and peak.
+counts the bytes it holds in each pool (``"device"``, ``"host"``), current and peak, and creates its host copies
+inside :func:`~lightning_memkit.step_context.host_allocations`, so the planner
+and the memory report count them as host memory, not device memory.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+from lightning_memkit.step_context import host_allocations
 
 POOLS = ("device", "host")
 
@@ -87,7 +91,8 @@ class BlockStore:
             self._add("device", n)
             return handle
         if self.cuda:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            with host_allocations():  # a memory tracker counts it as host memory
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is computed
             with torch.cuda.stream(self.stream):
                 host.copy_(t, non_blocking=True)
@@ -96,7 +101,8 @@ class BlockStore:
             t.record_stream(self.stream)  # its memory is not reused before the copy is done
             self._entries[handle] = _Entry(n, host=host, event=event)
         else:
-            self._entries[handle] = _Entry(n, host=t.detach().clone())
+            with host_allocations():
+                self._entries[handle] = _Entry(n, host=t.detach().clone())
         self._add("host", n)
         return handle
 

@@ -178,12 +178,17 @@ class StreamBP:
                 for s, e in self.spans:
                     kv.write(s, *ad.kv(block, ad.attn_norm(block, x_full[:, s:e]), *self._rope(s, e)))
             kv.start_backward()
-            below = torch.empty_like(x_full)
+            # the gradient below replaces the one from above in place, chunk by chunk: a chunk's backward reads only
+            # its own span of ``grad`` (what crosses chunks is in the keys' and values' accumulators), so one
+            # (B, T, D) buffer serves the whole backward instead of two
+            same = grad.dtype == x_full.dtype
+            below = grad if same else torch.empty_like(x_full)
             for s, e in reversed(self.spans):
                 x = x_full[:, s:e].detach().requires_grad_()
                 y = self.call(block, block_chunk, ad, block, x, *self._rope(s, e), s, kv, self._bias(s, e, x), 1.0)
                 torch.autograd.backward(y, grad[:, s:e].to(y.dtype))
                 below[:, s:e] = x.grad
+                x.grad = None
             kv.free()
             self.store.release(self.inputs[layer])
             del x_full

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_memkit.config import DEFAULT_SEQUENCE_CHUNK, MemKitConfigError, SequenceConfig
+from lightning_memkit.config import DEFAULT_SEQUENCE_CHUNK, MemKitConfigError, SequenceConfig, is_planning
 from lightning_memkit.models.families import is_hf_causal_lm
 from lightning_memkit.sequence.adapter import SequenceAdapter, find_adapter
 from lightning_memkit.sequence.core import BlockCall
@@ -88,7 +88,8 @@ class SequenceTechnique(Technique):
     def setup_trainer(self, trainer: Any) -> None:
         self._trainer = trainer
         self._offload = self.config.offload
-        if self._offload and _device_type(trainer) != "cuda":
+        # a plan is for the recipe's GPU: offload stays on, and the planner counts the copies as host memory
+        if self._offload and _device_type(trainer) != "cuda" and not is_planning():
             self._offload = False
             rank_zero_warn(
                 f"memkit: sequence.offload=True has no effect on a {_device_type(trainer)} device: the device is "
@@ -97,8 +98,9 @@ class SequenceTechnique(Technique):
             )
 
     def _check_host_memory(self, models: list[tuple[nn.Module, SequenceAdapter]], seq_len: Any) -> None:
-        """Refuse offload at setup when the host cannot hold every block's input of one batch."""
-        if not self._offload or not isinstance(seq_len, int):
+        """Refuse offload at setup when the host cannot hold every block's input of one batch (a plan compares
+        the host memory it measures with ``--cpu-memory`` instead)."""
+        if not self._offload or not isinstance(seq_len, int) or is_planning():
             return
         from lightning_memkit.activations.saved import host_memory_available
 

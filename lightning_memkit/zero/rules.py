@@ -17,6 +17,7 @@ from lightning_memkit.config import (
     CrossEntropyConfig,
     MemKitConfigError,
     OptimizerConfig,
+    ZEROTH_ORDER_OPTIMIZERS,
     SequenceConfig,
     ZeroConfig,
 )
@@ -36,9 +37,14 @@ def check_compatibility(
 
     The rules (docs/zero.md's table says the same):
 
-    - low-rank optimizers (GaLore, APOLLO, FRUGAL) need each weight matrix's whole gradient to
-      project it; DeepSpeed's ZeRO optimizer hands the optimizer flat 1-D partitions that cut across
-      matrices (stages 1-3), so the projection has nothing to act on;
+    - zeroth-order optimizers (``zo_sgd``, ``zo_adam``) call the loss closure from their step; DeepSpeed's
+      engine steps the optimizer without it (stages 1-3), and ZeRO-3 partitions the parameters the step
+      perturbs in place;
+    - low-rank optimizers (GaLore, APOLLO, FRUGAL, COSMOS, Natural GaLore) need each weight matrix's whole
+      gradient to project it; DeepSpeed's ZeRO optimizer hands the optimizer flat 1-D partitions that cut
+      across matrices (stages 1-3), so the projection has nothing to act on; SPAM and SGD-SaI keep
+      per-tensor quantities (step counts and sparse masks; each tensor's gradient signal-to-noise ratio)
+      that the flat partitions cut across too;
     - step-in-backward updates each parameter from its gradient hook, but under ZeRO the gradient
       is reduced and partitioned by DeepSpeed after the hook, and DeepSpeed runs the step;
     - sequence-chunked backprop calls the model's pieces outside their modules' forward, where ZeRO-3
@@ -53,6 +59,22 @@ def check_compatibility(
     if not zero.enabled:
         return
     stage = f"zero_stage={zero.stage}"
+    if optimizer.name in ZEROTH_ORDER_OPTIMIZERS:
+        raise MemKitConfigError(
+            f"optimizer={optimizer.name!r} cannot run under {stage}: a zeroth-order step evaluates the loss at "
+            "perturbed weights by calling Lightning's closure, but DeepSpeed's engine steps the optimizer without it"
+            + (", and ZeRO-3 partitions the parameters the step perturbs in place" if zero.stage == 3 else "")
+            + ". Fix: zero_stage=0 (a ZO step keeps no gradients and no activations and, with 'zo_sgd', no optimizer "
+            "state, so ZeRO has little to shard), or a first-order optimizer under ZeRO."
+        )
+    if optimizer.name in ("spam", "sgd_sai"):
+        raise MemKitConfigError(
+            f"optimizer={optimizer.name!r} cannot run under {stage}: it keeps per-tensor quantities ("
+            + ("step counts for its momentum resets and sparse-momentum masks" if optimizer.name == "spam" else
+               "each tensor's gradient signal-to-noise ratio") + "), but DeepSpeed's ZeRO optimizer hands the "
+            "optimizer flat 1-D partitions of all the parameters, cut across tensors. Fix: zero_stage=0, or under "
+            f"ZeRO an element-wise optimizer ({', '.join(repr(n) for n in ELEMENTWISE_OPTIMIZERS[1:])})."
+        )
     if optimizer.name not in ELEMENTWISE_OPTIMIZERS:
         raise MemKitConfigError(
             f"optimizer={optimizer.name!r} cannot run under {stage}: it projects each weight matrix's gradient to a "

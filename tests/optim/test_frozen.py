@@ -23,8 +23,12 @@ from lightning_memkit.optim import AdamW, Apollo, Frugal, GaLoreAdamW, StepInBac
 
 CASES = ("lm_head", "embeddings", "first_block", "lora")
 #: optimizers with a per-parameter update (step in backward drives those)
-IN_BACKWARD = ("adamw", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal")
-LOW_RANK = ("galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal")
+IN_BACKWARD = ("adamw", "galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal", "spam", "sgd_sai",
+               "cosmos", "natural_galore", "natural_galore8bit")
+LOW_RANK = ("galore_adamw", "galore_adamw8bit", "apollo", "apollo_mini", "frugal", "cosmos", "natural_galore",
+            "natural_galore8bit")
+#: zeroth-order optimizers: the step perturbs the trainable tensors in place and evaluates the loss forward-only
+FORWARD_ONLY = ("zo_sgd", "zo_adam")
 VOCAB = 101
 
 
@@ -144,6 +148,49 @@ def test_frozen_parameters_in_the_optimizer_change_nothing(name, case):
         assert torch.equal(held["final"][n], absent["final"][n]), f"{name}/{case}: {n} differs"
     if name != "none":
         assert held["line"].startswith(f"optimizer {name}: {len(trainable)} trainable tensors ({len(frozen)} frozen")
+    if name in FORWARD_ONLY:
+        assert held["lowrank"] == [] and "zeroth-order" in held["line"]
+
+
+class FrozenProbe(Module):
+    """Checks, at every loss evaluation of the step, that the frozen parameters hold their initial values (a
+    zeroth-order step evaluates the loss with the trainable parameters perturbed in place)."""
+
+    def training_step(self, batch, batch_idx):
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                self.evaluations_seen_moved += not torch.equal(p, self.initial_frozen[n])
+        self.evaluations += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("case", ["first_block", "lora"])
+@pytest.mark.parametrize("name", FORWARD_ONLY)
+def test_zeroth_order_never_perturbs_a_frozen_parameter(name, case):
+    """Frozen parameters in the group are neither perturbed (checked at each of the step's forward passes) nor
+    updated, and hold no state; the trainable ones moved. Blockwise too (the frozen block is not a block)."""
+    module = build(case, True)
+    probe = FrozenProbe(True, model="tiny", vocab_size=VOCAB)
+    probe.model = module.model
+    probe.initial_frozen = {n: p.detach().clone() for n, p in probe.named_parameters() if not p.requires_grad}
+    probe.evaluations, probe.evaluations_seen_moved = 0, 0
+    before = {n: p.detach().clone() for n, p in probe.named_parameters()}
+    ids = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row[:-1], "labels": row[1:]} for row in ids]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0,
+                         strategy=MemKitStrategy(optimizer={"name": name, "blockwise": True, "n_perturbations": 2}))
+    trainer.fit(probe, DataLoader(data, batch_size=2))
+    optimizer = inner(trainer.optimizers[0])
+    blocks = len(optimizer.blocks())
+    assert probe.evaluations == 2 * 2 * 2 * blocks and probe.evaluations_seen_moved == 0
+    for n, p in probe.named_parameters():
+        assert p.grad is None, n
+        if p.requires_grad:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]) and p not in optimizer.state, n
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -34,14 +34,14 @@ def _adam(r, m, v, t):
     return n, m, v
 
 
-@pytest.mark.parametrize("shape", [(6, 10), (10, 6)], ids=["left", "right"])
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)], ids=["left", "right", "square"])
 def test_galore_matches_reference(shape):
     rank, scale = 3, 0.25
     grads = _grads(shape)
     got, _, _ = _run(GaLoreAdamW, shape, grads, rank=rank, scale=scale, update_gap=10)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     u, _, vh = torch.linalg.svd(grads[0], full_matrices=False)  # basis from the first gradient, kept
-    left = shape[0] <= shape[1]
+    left = shape[0] < shape[1]  # a square weight projects the right side
     p = u[:, :rank] if left else vh[:rank].t()
     m = v = 0
     for t, g in enumerate(grads, 1):
@@ -60,17 +60,18 @@ def test_galore_refreshes_its_basis_every_update_gap_steps():
     torch.testing.assert_close(state["basis"].abs(), expected.abs())  # signs of singular vectors are arbitrary
 
 
+@pytest.mark.parametrize("limiter_on", ["raw", "corrected"])
 @pytest.mark.parametrize("scale_type", ["channel", "tensor"])
-@pytest.mark.parametrize("shape", [(6, 10), (10, 6)], ids=["left", "right"])
-def test_apollo_matches_reference(shape, scale_type):
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)], ids=["left", "right", "square"])
+def test_apollo_matches_reference(shape, scale_type, limiter_on):
     rank, scale, gamma = 3, 4.0, 1.01
     grads = _grads(shape, steps=3)
     grads[2] = grads[2] * 5  # a jump the norm-growth limiter must cap
     got, opt, param = _run(Apollo, shape, grads, rank=rank, scale=scale, scale_type=scale_type, update_gap=10,
-                           norm_growth_limit=gamma, seed=7)
+                           norm_growth_limit=gamma, limiter_on=limiter_on, seed=7)
     proj = opt.projector(param)
     assert "basis" not in opt.state[param]["projector"]  # regenerated from the seed, never stored
-    left = shape[0] <= shape[1]
+    left = shape[0] < shape[1]  # a square weight projects the right side
     rows = shape[0] if left else shape[1]
     seed = projection_seed(projection_seed(7, 0, 0), 0, 1)
     p = torch.randn(rows, rank, generator=torch.Generator().manual_seed(seed)) / math.sqrt(rank)
@@ -88,9 +89,11 @@ def test_apollo_matches_reference(shape, scale_type):
         else:  # one factor per row
             s = (n.norm(dim=1) / (r.norm(dim=1) + 1e-8))[:, None]
         u = g * s
-        if last is not None and u.norm() > gamma * last:
-            u = u * (gamma * last / u.norm())
-        last = u.norm()
+        # "raw": the limiter watches the update before bias correction (apollo-torch); "corrected": after it
+        c = (1 - BETAS[0] ** t) / math.sqrt(1 - BETAS[1] ** t) if limiter_on == "raw" else 1.0
+        if last is not None and c * u.norm() > gamma * last:
+            u = u * (gamma * last / (c * u.norm()))
+        last = c * u.norm()
         w = w * (1 - LR * WD) - LR * math.sqrt(scale) * u
     torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
 
@@ -239,14 +242,14 @@ def test_svd_out_of_memory_is_not_retried(monkeypatch):
         robust_svd_basis(torch.randn(6, 10), 2, "left")
 
 
-@pytest.mark.parametrize("shape", [(6, 10), (10, 6)], ids=["left", "right"])
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)], ids=["left", "right", "square"])
 def test_frugal_random_projection_is_orthonormal_and_matches_reference(shape):
     rank = 2
     grads = _grads(shape, steps=2)
     got, opt, param = _run(Frugal, shape, grads, rank=rank, update_gap=10, proj="random", state_free="sgd", seed=3)
     p = opt.projector(param).basis(torch.device("cpu"))
     torch.testing.assert_close(p.t() @ p, torch.eye(rank), atol=1e-5, rtol=0)
-    left = shape[0] <= shape[1]
+    left = shape[0] < shape[1]  # a square weight projects the right side
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     m = v = 0
     for t, g in enumerate(grads, 1):

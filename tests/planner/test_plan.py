@@ -405,3 +405,87 @@ def test_candidates_from_a_strategys_parsed_settings():
     assert rows and not any(r.exact for r in rows)  # SpaCO and int8 activations are approximate in every row
     exact = candidates(setting_of(MemKitStrategy(sequence="streambp")), free=("optimizer",), seq_len=256)
     assert {r.name: r.exact for r in exact}["your optimizer"] is True
+
+
+def test_sequence_offload_is_host_memory_in_the_plan():
+    """With sequence.offload, the plan files StreamBP's block inputs under host memory (exactly L x B x T x D x 4
+    bytes) and the device peak drops by all but the two inputs the backward holds at once."""
+    overrides = ["--model.init_args.model=small", "--data.init_args.seq_len=256", "--data.init_args.batch_size=2",
+                 "--trainer.logger=false", "--trainer.callbacks=[]"]
+    rows = {}
+    for offload in (False, True):
+        setting = Setting(sequence={"method": "streambp", "chunk_size": 64, "offload": offload},
+                          optimizer={"name": "apollo_mini", "in_backward": True})
+        rows[offload], loaded = _fake_step(setting, overrides)
+    model = loaded.module.model
+    one = 2 * 256 * model.lm_head.in_features * 4  # one block's input: B x T x D x fp32
+    n_layers = len(model.blocks)
+    assert rows[False].host == 0 and not rows[False].notes
+    assert rows[True].host == n_layers * one
+    assert "host memory: " in rows[True].notes[-1]
+    saved = rows[False].peak - rows[True].peak  # to a few scalars alive at one peak and not at the other
+    assert abs(saved - (n_layers - 2) * one) <= 256, (saved, (n_layers - 2) * one)
+    assert rows[False].at_peak["parameters"] == rows[True].at_peak["parameters"]
+
+
+def test_a_zeroth_order_step_plans_forward_only():
+    """zo_sgd: no gradients, no optimizer state, no saved activations: parameters plus one forward's working memory;
+    zo_adam adds its two moments (exactly twice the parameters)."""
+    adamw, _ = _fake_step(Setting(cross_entropy="plain"))
+    zo_sgd, _ = _fake_step(Setting(optimizer="zo_sgd", cross_entropy="plain"))
+    zo_adam, _ = _fake_step(Setting(optimizer="zo_adam", cross_entropy="plain"))
+    params = adamw.at_peak["parameters"]
+    for row in (zo_sgd, zo_adam):
+        assert row.maximum["gradients"] == 0 and row.at_peak["activations"] == 0
+        assert row.peak < adamw.peak - adamw.maximum["gradients"]
+    assert zo_sgd.at_peak["optimizer_state"] == 0
+    assert zo_adam.at_peak["optimizer_state"] == 2 * params
+
+
+def test_the_newer_optimizers_and_wta_crs_are_candidates_only_when_approximation_is_allowed():
+    """SPAM (density 0.25), Natural GaLore-8bit and SGD-SaI in backward and ZO-SGD, each once (with no activation
+    technique), and WTA-CRS keep 0.3 (with your optimizer or AdamW in backward); all approximate, none under an
+    exact search; COSMOS is not one (its Newton-Schulz is slow)."""
+    from lightning_memkit.config import parse_activations, parse_optimizer
+    from lightning_memkit.planner.search import OVERHEAD
+
+    base = Setting()
+    rows = {c.name: c for c in candidates(base, seq_len=128)}
+    newer = {n: c for n, c in rows.items() if any(k in n for k in ("SPAM", "SGD-SaI", "Natural GaLore", "ZO-", "WTA"))}
+    assert set(newer) == {
+        "SPAM (density 0.25) in backward", "Natural GaLore-8bit in backward", "SGD-SaI in backward",
+        "ZO-SGD (forward only)",
+        "WTA-CRS 0.3, your optimizer", "WTA-CRS 0.3, AdamW in backward"}
+    assert not any(c.exact for c in newer.values())
+    assert parse_optimizer(rows["SGD-SaI in backward"].setting.optimizer).in_backward
+    assert parse_optimizer(rows["SPAM (density 0.25) in backward"].setting.optimizer).density == 0.25
+    assert parse_activations(rows["WTA-CRS 0.3, your optimizer"].setting.activations).sampled_backward.keep == 0.3
+    zo = rows["ZO-SGD (forward only)"]
+    assert zo.overhead == OVERHEAD["zeroth_order"][0] > max(c.overhead for c in rows.values() if c is not zo)
+    assert "far more slowly" in zo.note and "learning rate" in rows["SGD-SaI in backward"].note
+    assert not any("cosmos" in str(c.setting.optimizer) for c in rows.values())
+    exact = candidates(base, seq_len=128, allow_approximate=False)
+    assert {c.name for c in exact}.isdisjoint(newer) and all(c.exact for c in exact)
+    # a recipe that sets them gets their time factor in its own row
+    assert configured_candidate(Setting(optimizer="sgd_sai")).overhead == OVERHEAD["sgd_sai"][0]
+    assert configured_candidate(Setting(activations={"sampled_backward": 0.5}, optimizer="zo_sgd")).parts == (
+        "sampled_backward", "zeroth_order")
+
+
+def test_the_newer_optimizers_plan_on_fake_tensors():
+    """Each newer candidate's step runs on fake tensors. Natural GaLore's first step reads a Cholesky status
+    (int(info)): before, the warm-up step that creates the state ran without the stand-in values and the plan
+    crashed with DataDependentOutputException; a read inside memkit's optimizers is not the module's caveat.
+    SGD-SaI keeps one buffer per weight: half of AdamW's m and v."""
+    from lightning_memkit.planner.step import STAND_IN_NOTE
+
+    adamw, _ = _fake_step(Setting(optimizer={"name": "adamw", "in_backward": True}))
+    for opt in ({"name": "natural_galore8bit", "in_backward": True}, {"name": "natural_galore"},
+                {"name": "spam", "density": 0.25, "in_backward": True}):
+        row, _ = _fake_step(Setting(optimizer=opt))
+        assert row.at_peak["optimizer_state"] > 0 and not [n for n in row.notes if n.startswith(STAND_IN_NOTE)]
+    sgd_sai, _ = _fake_step(Setting(optimizer={"name": "sgd_sai", "in_backward": True}))
+    assert 2 * sgd_sai.at_peak["optimizer_state"] == adamw.at_peak["optimizer_state"]
+    wta, _ = _fake_step(Setting(activations={"sampled_backward": 0.3}))
+    plain, _ = _fake_step(Setting())
+    assert wta.at_peak["activations"] < plain.at_peak["activations"]

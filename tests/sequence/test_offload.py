@@ -70,7 +70,8 @@ def _step(model, ids, labels, offload):
     """One StreamBP step driven by hand; returns the method (its store keeps the byte counts)."""
     ad = get_adapter(model)
     sb = StreamBP(ad, ids, labels, 8, _loss_fn(ad, None, -100), direct_call, offload=offload)
-    sb.forward()
+    with torch.no_grad():  # as sequence_loss runs it (inside an autograd Function's forward)
+        sb.forward()
     with torch.enable_grad():
         sb.backward(torch.tensor(1.0))
     return sb
@@ -186,3 +187,25 @@ def test_fit_with_offload_trains_as_without(corpus, monkeypatch):  # noqa: F811
     offloaded = _fit(corpus, steps=2, sequence={"method": "streambp", "chunk_size": 8, "offload": True})
     assert puts and all(puts)
     _assert_same_training(plain, offloaded, rtol=0, atol=0)
+
+
+def test_the_memory_tracker_counts_offloaded_inputs_as_host_memory():
+    """StepMemoryTracker (the MemoryReport callback's measurement) files the store's host copies under ``host``,
+    outside the device peak (the planner's test checks the device peak's drop on a step the inputs dominate)."""
+    from lightning_memkit.memory import StepMemoryTracker
+
+    torch.manual_seed(0)
+    n_layers = 5
+    model = Transformer(get_config("tiny", n_layers=n_layers))
+    ids, labels = _batch(model.vocab_size, t=32, pad=0)
+    one = ids.shape[0] * ids.shape[1] * model.blocks[0].attn_norm.weight.shape[0] * 4
+    reports = {}
+    for offload in (False, True):
+        model.zero_grad(set_to_none=True)
+        with StepMemoryTracker(model) as tracker:
+            _step(model, ids, labels, offload=offload)
+        reports[offload] = tracker.result()
+    assert reports[False].host == 0 and reports[True].host == n_layers * one
+    assert reports[True].as_metrics()["memory/host_mib"] == n_layers * one / 2**20
+    assert "memory/host_mib" not in reports[False].as_metrics()
+    assert reports[True].peak <= reports[False].peak
