@@ -52,7 +52,8 @@ def step(model: str, seq_len: int, kwargs: dict):
 
 def memory(model: str, budget: int, short: int, long: int, only: str = "", upper: int = 0) -> list[tuple[str, ...]]:
     """Per method: the device peak at two lengths, its cost per token, the longest length the line says fits
-    (at most ``upper`` when given; measured again, stepping down by 1024 until it fits), the host memory there, and
+    (at most ``upper`` when given; measured again, then stepped by 1024 to the last length that fits), the host
+    memory there, and
     that length against the first row's and against checkpointing + fused cross-entropy's."""
     rows = []
     longest: dict[str, int] = {}
@@ -75,6 +76,11 @@ def memory(model: str, budget: int, short: int, long: int, only: str = "", upper
             while best > short and got.peak > budget:  # the line was optimistic: step down until it fits
                 best -= 1024
                 got = step(model, best, kwargs)
+            while not upper or best + 1024 <= upper:  # or pessimistic: step up while the next length fits
+                bigger = step(model, best + 1024, kwargs)
+                if bigger.peak > budget:
+                    break
+                best, got = best + 1024, bigger
             confirmed = f"{got.peak / GIB:.2f}"
             host = f"{got.host / GIB:.2f}" if got.host else "-"
         longest[name] = best

@@ -141,7 +141,9 @@ class StreamBP:
         assert self.last is not None
         if self.inputs:
             self.store.prefetch(self.inputs[-1])  # the top block's input comes back while the head runs
-        grad = torch.empty_like(self.last)
+        # the gradient of the last block's output is written over that output, chunk by chunk, once the chunk's
+        # final norm (and loss) have been back-propagated: one (B, T, D) buffer instead of two
+        grad = self.last
         if self.head_graph is not None:
             # the loss on the whole normed sequence was computed in the forward with its graph (one
             # head-weight gradient, no logits); the final norm's backward then goes chunk by chunk
@@ -188,7 +190,9 @@ class StreamBP:
                 y = self.call(block, block_chunk, ad, block, x, *self._rope(s, e), s, kv, self._bias(s, e, x), 1.0)
                 torch.autograd.backward(y, grad[:, s:e].to(y.dtype))
                 below[:, s:e] = x.grad
-                x.grad = None
+                # x (a view of the block's input) and y (whose graph's nodes hold the key/value accumulators) would
+                # otherwise keep this block's input and accumulators alive into the next block's backward
+                del x, y
             kv.free()
             self.store.release(self.inputs[layer])
             del x_full

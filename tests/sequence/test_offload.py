@@ -209,3 +209,4 @@ def test_the_memory_tracker_counts_offloaded_inputs_as_host_memory():
     assert reports[True].as_metrics()["memory/host_mib"] == n_layers * one / 2**20
     assert "memory/host_mib" not in reports[False].as_metrics()
     assert reports[True].peak <= reports[False].peak
+
