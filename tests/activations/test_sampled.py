@@ -30,6 +30,19 @@ from lightning_memkit.activations.technique import choose_modules, saved_activat
 from lightning_memkit.config import ActivationsConfig
 
 
+def _capture_sample(technique) -> dict:
+    """Record (under ``"sample"``) the sample the technique's layers share, as they take it."""
+    captured = {}
+    rows_of = technique.shared_sample
+
+    def spy(h):
+        captured["sample"] = rows_of(h)
+        return captured["sample"]
+
+    technique.shared_sample = spy
+    return captured
+
+
 def _rows(n: int, d: int, seed: int, dtype=torch.float64) -> torch.Tensor:
     """Rows with very different norms (a few heavy ones, as token activations have), some heavy enough to win."""
     g = torch.Generator().manual_seed(seed)
@@ -274,14 +287,7 @@ def test_compression_packs_the_sampled_rows(mode):
     manager = SavedTensors(mode, False, "exact", 1, list(model.parameters()))
     changed = install(choose_modules(model, ("layers.0",)), manager, linear_per_group=mode == "fp8")
     technique.step_context()
-    captured = {}
-    rows_of = technique.shared_sample
-
-    def spy(h):
-        captured["sample"] = rows_of(h)
-        return captured["sample"]
-
-    technique.shared_sample = spy
+    captured = _capture_sample(technique)
     model(x).backward(gy)
     uninstall(changed)
     technique.teardown(model)
@@ -466,14 +472,7 @@ def test_gpt2_conv1d_layers_are_sampled_with_their_transposed_weight():
     x, gy = torch.randn(3, 40, 16), torch.randn(3, 40, 12)
     technique = apply_sampled_backward(model, {"keep": 0.3, "modules": ["h.*"], "seed": 0})
     assert technique._changed == [model.h[0].c_fc]
-    captured = {}
-    rows_of = technique.shared_sample
-
-    def spy(h):
-        captured["sample"] = rows_of(h)
-        return captured["sample"]
-
-    technique.shared_sample = spy
+    captured = _capture_sample(technique)
     y = model(x)
     torch.testing.assert_close(y, x @ model.h[0].c_fc.weight + model.h[0].c_fc.bias)
     y.backward(gy)

@@ -33,3 +33,17 @@ def assert_step_in_backward_is_exact(make, steps: int = 3) -> None:
         opt_b.step(lambda: loss_of(b, batch).backward())
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def mixed_dtype_model() -> torch.nn.Module:
+    """Two fp32 layers and a bf16 one: per-parameter dtypes for state and step-in-backward checks."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    model[2].to(torch.bfloat16)
+    return model
+
+
+def mixed_dtype_loss(model: torch.nn.Module, i: int) -> torch.Tensor:
+    """The loss of :func:`mixed_dtype_model` on batch ``i`` (seeded)."""
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(100 + i))
+    return model[2](model[1](model[0](x)).to(torch.bfloat16)).float().square().mean()

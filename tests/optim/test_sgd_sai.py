@@ -14,6 +14,8 @@ from lightning_memkit.optim import SGDSaI, StepInBackward
 from lightning_memkit.optim import base as optim_base
 from lightning_memkit.optim.memory import predict_state_bytes
 from lightning_memkit.optim.sgd_sai import gsnr
+from tests.optim.helpers import mixed_dtype_loss as _loss
+from tests.optim.helpers import mixed_dtype_model as _model
 
 LR, MU, EPS, WD = 0.05, 0.9, 1e-8, 0.1
 SHAPES = [(6, 10), (10,), (2,), (3, 4, 5)]
@@ -96,18 +98,6 @@ def test_matches_the_authors_pypi_package_up_to_its_missing_normalization():
         theirs.step()
     for a, b in zip(ours, params):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
-
-
-def _model():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    model[2].to(torch.bfloat16)
-    return model
-
-
-def _loss(model, i):
-    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(100 + i))
-    return model[2](model[1](model[0](x)).to(torch.bfloat16)).float().square().mean()
 
 
 def test_step_in_backward_defers_the_first_step_and_gives_the_ordinary_parameters_exactly():

@@ -13,6 +13,8 @@ from lightning_memkit.config import MemKitConfigError, OptimizerConfig, parse_op
 from lightning_memkit.optim import SPAM, StepInBackward
 from lightning_memkit.optim.memory import predict_state_bytes
 from lightning_memkit.optim.spam import sparse_count, warmup_scale
+from tests.optim.helpers import mixed_dtype_loss as _loss
+from tests.optim.helpers import mixed_dtype_model as _model
 
 LR, BETAS, EPS, WD = 0.01, (0.9, 0.99), 1e-8, 0.1
 RULE = dict(reset_interval=10, reset_warmup=4, spike_threshold=50.0, clip_delay=3)
@@ -156,18 +158,6 @@ def test_density_one_is_dense_even_for_chosen_weights():
     dense, _, _ = _run(grads, (6, 10), **RULE)
     chosen, opt, masks = _run(grads, (6, 10), lowrank=True, density=1.0, **RULE)
     assert torch.equal(dense, chosen) and masks[-1] is None and not opt._lowrank
-
-
-def _model():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    model[2].to(torch.bfloat16)
-    return model
-
-
-def _loss(model, i):
-    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(100 + i))
-    return model[2](model[1](model[0](x)).to(torch.bfloat16)).float().square().mean()
 
 
 def _train(model, opt, steps, start=0):
